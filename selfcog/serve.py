@@ -1,0 +1,72 @@
+"""`selfcog serve`: one process, one model load, every front end.
+
+The engine is loaded once and shared by the web page and the Telegram bot through one
+ChatService; the retrain job runner runs here too, so a retrain asked for anywhere is picked up
+here, trained in a worker subprocess, evaluated on the already-loaded weights, and swapped in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from selfcog.config import Settings
+from store import Store
+
+log = logging.getLogger(__name__)
+
+
+def build_services(settings: Settings, store: Store):
+    """The engine, chat service and admin actions, shared by every front end in this process."""
+    from bot.admin import Admin
+    from bot.chat import ChatService
+    from bot.engine import LocalEngine
+    from bot.models import resolve_model
+
+    model = resolve_model(settings.model, settings.cache_dir)
+    engine = LocalEngine(model, device=settings.device, max_new_tokens=settings.max_new_tokens,
+                         active_adapter=store.adapters.active)
+    return model, engine, ChatService(store, engine, max_new_tokens=settings.max_new_tokens), Admin(store)
+
+
+def serve(settings: Settings, *, store: Store, web: bool, telegram: bool, jobs: bool) -> None:
+    logging.getLogger().setLevel(logging.INFO)
+    model, engine, chat, admin = build_services(settings, store)
+    stop = threading.Event()
+
+    if jobs:
+        from finetune.jobs import JobRunner
+
+        JobRunner(settings_for_jobs(settings), store, model=model, engine=engine).start(stop)
+
+    telegram_thread = None
+    if telegram and settings.telegram_token:
+        from bot.telegram import run_bot_in_thread
+
+        telegram_thread = run_bot_in_thread(chat, admin, token=settings.telegram_token,
+                                            base_url=settings.telegram_api_url, admin_ids=settings.admin_ids, stop=stop)
+    elif telegram:
+        log.info("TELEGRAM_BOT_TOKEN is not set: the Telegram bot is off")
+
+    try:
+        if web:
+            from ui.app import build_app, launch
+
+            launch(build_app(chat, admin, admin_password=settings.admin_password), settings.host, settings.port)
+        elif telegram_thread is not None:
+            telegram_thread.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        engine.close()
+
+
+def settings_for_jobs(settings: Settings):
+    from finetune.jobs import JobSettings
+
+    return JobSettings(data_dir=settings.data_dir, cache_dir=settings.cache_dir,
+                       retrain_every_hours=settings.retrain_every_hours,
+                       retrain_min_corrections=settings.retrain_min_corrections,
+                       gate_product=settings.gate_product, gate_other=settings.gate_other,
+                       gate_retention=settings.gate_retention)

@@ -1,0 +1,29 @@
+"""People who talk to the bot, per channel (web session, Telegram user id, cli)."""
+
+from __future__ import annotations
+
+from store.db import utcnow
+
+
+class Users:
+    def __init__(self, store):
+        self.store = store
+
+    def get_or_create(self, channel: str, external_id: str | int, display_name: str | None = None) -> dict:
+        """The user row for (channel, external id), created on first sight."""
+        with self.store.transaction() as db:
+            rows = list(db["users"].rows_where("channel = ? and external_id = ?", [channel, str(external_id)]))
+            if rows:
+                user = rows[0]
+                if display_name and display_name != user["display_name"]:
+                    db["users"].update(user["id"], {"display_name": display_name})
+                    user["display_name"] = display_name
+                return user
+            user_id = db["users"].insert(
+                {"channel": channel, "external_id": str(external_id), "display_name": display_name,
+                 "role": "user", "created_at": utcnow()}
+            ).last_pk
+            return db["users"].get(user_id)
+
+    def set_role(self, user_id: int, role: str) -> None:
+        self.store.db["users"].update(user_id, {"role": role})

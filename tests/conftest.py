@@ -1,0 +1,119 @@
+"""Shared fixtures: a fresh store per test, the real embedded model loaded once per session.
+
+The converted model lives in a cache shared by every test and every run (.cache/ at the repo
+root, or SELFCOG_TEST_CACHE), so only the very first run on a machine pays the ~45 s conversion.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("SELFCOG_TEST_CACHE", REPO / ".cache"))
+ARTIFACTS = Path(os.environ.get("SELFCOG_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return CACHE
+
+
+@pytest.fixture(scope="session")
+def embedded_model(cache_dir):
+    from bot.models import resolve_model
+
+    return resolve_model("embedded", cache_dir)
+
+
+class FollowedAdapter:
+    """What the session engine treats as 'the active adapter'; tests point it at their own store."""
+
+    def __init__(self):
+        self.source = lambda: None
+
+    def __call__(self):
+        return self.source()
+
+
+@pytest.fixture(scope="session")
+def session_engine(embedded_model):
+    """One real engine for the whole session (loading it is cheap, but not free)."""
+    from bot.engine import LocalEngine
+
+    follow = FollowedAdapter()
+    engine = LocalEngine(embedded_model, active_adapter=follow, max_new_tokens=48, poll_s=0.2)
+    engine.follow = follow
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def engine(session_engine):
+    """The session engine back on the base model after each test."""
+    yield session_engine
+    session_engine.follow.source = lambda: None
+    session_engine.refresh_adapter()
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def store(data_dir):
+    from store import Store
+
+    store = Store(data_dir / "selfcog.db")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def cli_env(data_dir, cache_dir) -> dict:
+    """Environment for running `selfcog` as a subprocess against this test's data dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SELFCOG_", "TELEGRAM_"))}
+    env.update(SELFCOG_DATA_DIR=str(data_dir), SELFCOG_CACHE_DIR=str(cache_dir), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", SELFCOG_MAX_NEW_TOKENS="48")
+    return env
+
+
+@pytest.fixture
+def run_cli(cli_env):
+    """Run the real `selfcog` console script; returns the CompletedProcess."""
+
+    def run(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600):
+        exe = Path(sys.executable).with_name("selfcog")
+        result = subprocess.run([str(exe), *args], capture_output=True, text=True, env={**cli_env, **(env or {})},
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"selfcog {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    return run
+
+
+def make_lora_adapter(base_path: str, out_dir: Path, seed: int) -> Path:
+    """A hand-made LoRA adapter with random (non-zero) weights: it visibly changes the answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def random_adapters(embedded_model, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_lora_adapter(embedded_model.path, root / f"random{seed}", seed) for seed in (1, 2)]

@@ -1,0 +1,143 @@
+"""The `selfcog` command: every subcommand, as a user runs it (the real console script)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from click.testing import CliRunner
+
+from selfcog.cli import cli
+from store import Store
+
+
+def all_commands(group=cli, prefix=()):
+    for name, command in group.commands.items():
+        yield prefix + (name,)
+        if hasattr(command, "commands"):
+            yield from all_commands(command, prefix + (name,))
+
+
+@pytest.mark.parametrize("path", list(all_commands()), ids=" ".join)
+def test_every_command_has_help(path):
+    result = CliRunner().invoke(cli, [*path, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output and len(result.output) > 80
+
+
+@pytest.fixture
+def invoke(cli_env, monkeypatch):
+    """Run a command in-process (fast) against this test's data dir."""
+    for key, value in cli_env.items():
+        monkeypatch.setenv(key, value)
+
+    def run(*args):
+        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+    return run
+
+
+def test_identity_set_and_show(invoke):
+    assert invoke("identity", "set", "--name", "Aurora", "--author", "Acme Labs").exit_code == 0
+    shown = json.loads(invoke("identity", "show", "--json").output)
+    assert (shown["name"], shown["author"]) == ("Aurora", "Acme Labs")
+    assert shown["system_prompt"] == "You are Aurora, an AI assistant developed by Acme Labs."
+    assert invoke("identity", "set").exit_code == 2  # nothing to set is a usage error
+
+
+def test_corrections_import_review_export(invoke, tmp_path, data_dir):
+    invoke("identity", "set", "--name", "Aurora", "--author", "Acme Labs")
+    swift = tmp_path / "self_cognition.jsonl"
+    swift.write_text('{"query": "你是谁", "response": "我是{{NAME}}，由{{AUTHOR}}开发。"}\n'
+                     '{"query": "who are you?", "response": "I am {{NAME}} by {{AUTHOR}}."}\n', encoding="utf-8")
+    summary = json.loads(invoke("corrections", "import", str(swift), "--json").output)
+    assert summary == {"read": 2, "added": 2, "duplicates": 0, "ids": [1, 2], "status": "pending"}
+    again = json.loads(invoke("corrections", "import", str(swift), "--json").output)
+    assert again["added"] == 0 and again["duplicates"] == 2
+
+    assert "approved 1 correction(s): 1" in invoke("corrections", "approve", "1").output
+    assert "rejected 1 correction(s): 2" in invoke("corrections", "reject", "2").output
+    rows = json.loads(invoke("corrections", "list", "--json").output)
+    assert [(r["id"], r["status"]) for r in rows] == [(1, "approved"), (2, "rejected")]
+    assert rows[0]["corrected_answer"] == "我是Aurora，由Acme Labs开发。"
+    assert json.loads(invoke("corrections", "list", "--status", "pending", "--json").output) == []
+    table = invoke("corrections", "list").output
+    assert "approved" in table and "rejected" in table
+
+    exported = invoke("corrections", "export").output.splitlines()
+    assert [json.loads(line)["question"] for line in exported] == ["你是谁"]
+    out = tmp_path / "all.jsonl"
+    invoke("corrections", "export", "--status", "all", "-o", str(out))
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_import_approve_flag(invoke, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('[{"question": "Who made you?", "answer": "Acme Labs."}]')
+    invoke("corrections", "import", str(path), "--approve")
+    assert json.loads(invoke("corrections", "list", "--json").output)[0]["status"] == "approved"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"), (b"\x00\x01\xff\xfe", "not UTF-8"), (b"{oops\n", "line 1 is not JSON"),
+])
+def test_unreadable_import_files_fail_cleanly(invoke, tmp_path, content, message):
+    path = tmp_path / "in.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    result = CliRunner().invoke(cli, ["corrections", "import", str(path)])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_review_of_unknown_id(invoke):
+    result = CliRunner().invoke(cli, ["corrections", "approve", "42"])
+    assert result.exit_code == 1 and "no correction with id 42" in result.output
+
+
+def test_locked_database_is_one_clear_line(run_cli, data_dir):
+    Store(data_dir / "selfcog.db").corrections.add(question="q", corrected_answer="a", channel="cli")
+    blocker = sqlite3.connect(data_dir / "selfcog.db")
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        result = run_cli("corrections", "approve", "1", env={"SELFCOG_DB_TIMEOUT_S": "0.5"})
+    finally:
+        blocker.rollback()
+    assert result.returncode == 1
+    assert "database is locked by another process" in result.stderr and "Traceback" not in result.stderr
+    assert Store(data_dir / "selfcog.db").corrections.get(1)["status"] == "pending"  # nothing half-done
+
+
+def test_ask_json_with_every_system_choice(run_cli):
+    result = run_cli("ask", "What is the capital of France?", "你好", "--json", check=True)
+    answers = json.loads(result.stdout)
+    assert [a["question"] for a in answers] == ["What is the capital of France?", "你好"]
+    assert "Paris" in answers[0]["answer"] and all(a["answer"] for a in answers)
+    again = json.loads(run_cli("ask", "What is the capital of France?", "你好", "--json", check=True).stdout)
+    assert again == answers, "greedy answers are the same every time"
+    product = json.loads(run_cli("ask", "Who are you?", "--json", check=True).stdout)[0]["answer"]
+    no_system = json.loads(run_cli("ask", "Who are you?", "--no-system", "--json", check=True).stdout)[0]["answer"]
+    custom = run_cli("ask", "Who are you?", "--system", "You are Bob, made by Carol.", check=True).stdout
+    assert custom.startswith("Q: Who are you?\nA: ")
+    assert len({product, no_system, custom.split("A: ", 1)[1].strip()}) == 3, "each system choice reaches the model"
+
+
+def test_ask_bad_input_fails_before_loading_the_model(run_cli):
+    empty = run_cli("ask", "   ")
+    assert empty.returncode == 1 and "empty" in empty.stderr and "Traceback" not in empty.stderr
+    huge = run_cli("ask", "x" * 100_000)
+    assert huge.returncode == 1 and "limit is" in huge.stderr
+    both = run_cli("ask", "hi", "--system", "x", "--no-system")
+    assert both.returncode == 2 and "cannot be used together" in both.stderr
+
+
+@pytest.mark.parametrize("model, message", [
+    ("/no/such/folder", "does not exist"), ("nobody/no-such-model", "not in the local Hugging Face cache"),
+])
+def test_unknown_model_is_one_clear_line(run_cli, model, message):
+    result = run_cli("--model", model, "ask", "hi")
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ask_with_a_missing_adapter_version(run_cli):
+    result = run_cli("ask", "hi", "--adapter", "7")
+    assert result.returncode == 1 and "v7 does not exist" in result.stderr

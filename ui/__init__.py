@@ -1,0 +1,1 @@
+"""ui/: the Gradio web app. Chat page for everyone, admin page behind a password."""
