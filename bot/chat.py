@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import time
 import unicodedata
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Mapping
 
-from bot.engine import Engine, EngineError
+from bot.engine import AdapterRef, Engine, EngineError
 from bot.identity import is_identity_question, system_prompt
 from store import Profile, Store, StoreError
 
@@ -142,15 +143,32 @@ class ChatService:
                     max_new_tokens or self.max_new_tokens, temperature)
 
     def answer(self, questions: list[str], *, system: object = PRODUCT_PROMPT, temperature: float = 0.0,
-               max_new_tokens: int | None = None) -> list[str]:
+               max_new_tokens: int | None = None, adapter: str | Path = AdapterRef.ACTIVE) -> list[str]:
         """Answer one-off questions in a batch, not stored (the CLI's `ask`).
 
-        system: PRODUCT_PROMPT (default), another prompt text, or None for no system message at all."""
+        system: PRODUCT_PROMPT (default), another prompt text, or None for no system message at all.
+        adapter: AdapterRef.ACTIVE (default), AdapterRef.BASE, or a candidate adapter folder."""
         questions = [clean_text(q, what="question") for q in questions]
         prefix = [] if system is None else [
             {"role": "system", "content": self.system_prompt() if system is PRODUCT_PROMPT else str(system)}]
-        return self.engine.generate([prefix + [{"role": "user", "content": q}] for q in questions],
+        return self.engine.generate([prefix + [{"role": "user", "content": q}] for q in questions], adapter=adapter,
                                     temperature=temperature, max_new_tokens=max_new_tokens or self.max_new_tokens)
+
+    def compare(self, questions: list[str], weights: Mapping[str, str | Path], *,
+                max_new_tokens: int | None = None) -> list[dict]:
+        """The same questions answered by several weights, side by side (the admin's before/after table).
+
+            >>> chat.compare(["Who are you?"], {"base": AdapterRef.BASE, "active": AdapterRef.ACTIVE, "candidate": path})
+            [{'question': 'Who are you?', 'base': 'I am SmolLM...', 'active': ..., 'candidate': ...}]
+        """
+        questions = [clean_text(q, what="question") for q in questions]
+        if not questions:
+            raise ChatInputError("There are no questions to compare. Please enter at least one.")
+        rows = [{"question": q} for q in questions]
+        for label, adapter in weights.items():
+            for row, text in zip(rows, self.answer(questions, adapter=adapter, max_new_tokens=max_new_tokens)):
+                row[label] = text
+        return rows
 
     # --- feedback and corrections -------------------------------------------------------------------
     def rate(self, message_id: int, rating: int, *, channel: str, user: str | int | None = None) -> dict:
@@ -178,6 +196,17 @@ class ChatService:
         return self.store.corrections.add(
             question=question["text"], wrong_answer=message["text"], corrected_answer=corrected_answer,
             channel=channel, submitter=str(submitter) if submitter is not None else None, message_id=message_id)
+
+    def answer_in(self, message_id: int, *, channel: str, chat_key: str) -> dict:
+        """One of the bot's answers, checked to be from this chat (a button press names it); ChatInputError if not."""
+        try:
+            message = self.store.conversations.message(message_id)
+            conversation = self.store.conversations.get(message["conversation_id"])
+        except StoreError:
+            raise ChatInputError("That answer no longer exists.") from None
+        if message["role"] != "assistant" or (conversation["channel"], conversation["chat_key"]) != (channel, chat_key):
+            raise ChatInputError("That answer is not from this chat.")
+        return message
 
     def last_answer(self, conversation_id: int) -> dict | None:
         answers = [m for m in self.store.conversations.messages(conversation_id) if m["role"] == "assistant"]

@@ -78,10 +78,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from store import StoreError
 
     errors: list[type[BaseException]] = [ChatInputError, PairsFileError, ModelNotFound, StoreError]
-    if "finetune" in sys.modules or "finetune.jobs" in sys.modules:
-        from finetune.errors import RetrainError
+    if "finetune.dataset" in sys.modules:  # only loaded by the commands that train
+        from finetune.dataset import DatasetError
 
-        errors.append(RetrainError)
+        errors.append(DatasetError)
     return tuple(errors)
 
 
@@ -314,6 +314,207 @@ def corrections_export(ctx: Context, status, output):
         click.echo(f"wrote {len(rows)} corrections to {output}")
     else:
         click.echo(text, nl=False)
+
+
+# --- retraining, evaluation, adapters -----------------------------------------------------------------
+
+@cli.command()
+@click.option("--queue", "queue_only", is_flag=True, help="Only queue it for a running `selfcog serve` to pick up.")
+@click.option("--cancel", is_flag=True, help="Cancel the retrain that is queued or running.")
+@json_option
+@pass_ctx
+def retrain(ctx: Context, queue_only, cancel, as_json):
+    """Retrain the adapter from the approved corrections; promote it if it passes the gate.
+
+        selfcog retrain --json
+    """
+    from bot.admin import Admin
+
+    admin = Admin(ctx.store)
+    if cancel:
+        run = admin.cancel_retrain(by="cli")
+        click.echo(f"retrain #{run['id']}: {'cancelled' if run['status'] == 'cancelled' else 'cancel requested'}")
+        return
+    if queue_only:
+        run = admin.request_retrain(trigger="cli", requested_by="cli")
+        click.echo(f"retrain #{run['id']} queued; `selfcog serve` picks it up")
+        return
+    from finetune.jobs import run_retrain
+    from selfcog.serve import job_settings
+
+    if ctx.store.corrections.count("approved") == 0:
+        raise click.ClickException("no approved corrections yet: approve some (selfcog corrections approve ID...) "
+                                   "or import a reviewed file with --approve, then retrain")
+    run = ctx.store.runs.request("cli", "cli", claim=True)  # the lock: raises if one is already running
+    try:
+        model = ctx.resolve_model()
+        engine = ctx.engine()
+    except BaseException as e:
+        ctx.store.runs.finish(run["id"], "failed", error=str(e))
+        raise
+    report = run_retrain(run, store=ctx.store, engine=engine, model=model,
+                         settings=job_settings(ctx.settings, engine))
+    if as_json:
+        echo_json({k: report.get(k) for k in ("run_id", "status", "promoted", "adapter", "metrics", "seconds")}
+                  | {"reason": report.get("reason") or "; ".join(report.get("reasons") or []) or None})
+    else:
+        if report.get("table"):
+            click.echo(report["table"] + "\n")
+        outcome = f"promoted: adapter v{report['adapter']} is live" if report["promoted"] else report["status"]
+        why = report.get("reason") or "; ".join(report.get("reasons") or [])
+        click.echo(f"retrain #{report['run_id']} {outcome} in {report['seconds']} s" + (f" ({why})" if why else ""))
+    if report["status"] == "failed":
+        sys.exit(1)
+
+
+@cli.command("eval")
+@click.option("--adapter", help="A version number, 'base', or an adapter folder (default: the active adapter).")
+@json_option
+@pass_ctx
+def eval_command(ctx: Context, adapter, as_json):
+    """Score base, active and (optionally) another adapter on the held-out identity probes and general prompts.
+
+        selfcog eval --adapter 3
+    """
+    from bot.engine import AdapterRef
+    from finetune.evaluate import report_table
+    from finetune.jobs import evaluate_weights, general_answers
+
+    target = None
+    if adapter and adapter != "base":
+        target = ctx.store.adapters.get(int(adapter))["path"] if adapter.isdigit() else adapter
+        if not adapter.isdigit():
+            from bot.engine import check_adapter_folder
+
+            try:
+                check_adapter_folder(target)
+            except (OSError, ValueError) as e:
+                raise click.ClickException(str(e)) from None
+    model = ctx.resolve_model()
+    engine = ctx.engine()
+    profile = ctx.store.identity.current()
+    base_general = general_answers(engine, model, ctx.settings.cache_dir)
+    active = ctx.store.adapters.active()
+    reports = {"base": evaluate_weights(engine, AdapterRef.BASE, profile, base_general, ctx.settings.cache_dir,
+                                        cache_as=f"{model.name}/base")}
+    if active:
+        reports[f"active v{active['version']}"] = evaluate_weights(
+            engine, AdapterRef.ACTIVE, profile, base_general, ctx.settings.cache_dir,
+            cache_as=f"{model.name}/v{active['version']}")
+    if target:
+        reports[f"v{adapter}" if adapter.isdigit() else "adapter"] = evaluate_weights(engine, target, profile, base_general)
+    if as_json:
+        echo_json({name: report.to_dict() for name, report in reports.items()})
+    else:
+        click.echo(report_table(reports))
+
+
+@cli.group()
+def adapters():
+    """List, activate and roll back adapter versions."""
+
+
+@adapters.command("list")
+@json_option
+@pass_ctx
+def adapters_list(ctx: Context, as_json):
+    """List adapter versions with their evaluation metrics.
+
+        selfcog adapters list
+    """
+    rows = ctx.store.adapters.list()
+    if as_json:
+        echo_json(rows)
+        return
+    for row in rows:
+        metrics = row["metrics"] or {}
+        row["live"] = "●" if row["active"] else ""
+        row["identity"] = metrics.get("identity_mean")
+        row["retention"] = metrics.get("retention")
+    echo_table(rows, ["live", "version", "identity", "retention", "run_id", "created_at", "path"], {"path": 50})
+
+
+@adapters.command("activate")
+@click.argument("version")
+@pass_ctx
+def adapters_activate(ctx: Context, version):
+    """Make VERSION live in every running front end ('base' for no adapter).
+
+        selfcog adapters activate 2
+    """
+    from bot.admin import Admin
+
+    if version != "base" and not version.isdigit():
+        raise click.UsageError("VERSION is a version number or 'base'")
+    Admin(ctx.store).activate(None if version == "base" else int(version), by="cli")
+    click.echo(f"{'the base model' if version == 'base' else 'adapter v' + version} is now live")
+
+
+@adapters.command("rollback")
+@pass_ctx
+def adapters_rollback(ctx: Context):
+    """Go back to what was live before the last activation.
+
+        selfcog adapters rollback
+    """
+    from bot.admin import Admin
+
+    row = Admin(ctx.store).rollback(by="cli")
+    click.echo(f"rolled back: {'adapter v%d' % row['version'] if row else 'the base model'} is now live")
+
+
+@cli.group()
+def export():
+    """Export data for other tools."""
+
+
+@export.command("dataset")
+@click.option("--format", "fmt", type=click.Choice(["swift", "alpaca"]), default="swift", show_default=True,
+              help="ms-swift JSONL ({'messages': [...]}) or LLaMA-Factory alpaca JSON.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="File to write.")
+@pass_ctx
+def export_dataset(ctx: Context, fmt, output):
+    """Write the training set the next retrain would use.
+
+        selfcog export dataset --format alpaca -o identity.json
+    """
+    from finetune.jobs import build_run_dataset, general_answers
+    from finetune.train import recipe_for
+
+    model = ctx.resolve_model()
+    engine = ctx.engine(adapter="base")
+    base_general = general_answers(engine, model, ctx.settings.cache_dir)
+    dataset = build_run_dataset(ctx.store, base_general, recipe_for(model, engine.device), seed=0)
+    (dataset.write_alpaca if fmt == "alpaca" else dataset.write_swift)(output)
+    click.echo(f"wrote {len(dataset.rows)} rows ({fmt}) to {output}; sha256 {dataset.sha256[:12]}")
+
+
+@cli.command()
+@json_option
+@pass_ctx
+def status(ctx: Context, as_json):
+    """Identity, live adapter, corrections waiting, and the current or last retrain.
+
+        selfcog status
+    """
+    from bot.admin import Admin
+
+    profile = ctx.store.identity.current()
+    active = ctx.store.adapters.active()
+    run = Admin(ctx.store).retrain_status()
+    info = {"name": profile.name, "author": profile.author, "adapter": active["version"] if active else None,
+            "pending_corrections": ctx.store.corrections.count("pending"),
+            "approved_corrections": ctx.store.corrections.count("approved"),
+            "retrain": {k: run.get(k) for k in ("id", "status", "stage", "step", "total_steps", "loss", "error")} if run else None}
+    if as_json:
+        echo_json(info)
+        return
+    click.echo(f"{profile.name} by {profile.author}; live: {'adapter v%s' % info['adapter'] if active else 'base model'}")
+    click.echo(f"corrections: {info['pending_corrections']} pending, {info['approved_corrections']} approved")
+    if run:
+        click.echo(f"retrain #{run['id']}: {run['status']}" + (f" ({run['stage']} {run['step'] or 0}/{run['total_steps'] or '?'})"
+                                                               if run['status'] == 'running' else "")
+                   + (f" - {run['error']}" if run.get("error") else ""))
 
 
 # --- serving --------------------------------------------------------------------------------------

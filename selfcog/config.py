@@ -16,7 +16,8 @@
 | SELFCOG_RETRAIN_EVERY_HOURS      | 0 (off)     | scheduled retrain interval                                   |
 | SELFCOG_RETRAIN_MIN_CORRECTIONS  | 5           | new approved corrections needed before a scheduled retrain  |
 | SELFCOG_GATE_PRODUCT / _OTHER    | 0.9 / 0.8   | identity hit rate a candidate needs (product prompt / others) |
-| SELFCOG_GATE_RETENTION           | 0.8         | general-answer retention a candidate needs                   |
+| SELFCOG_GATE_RETENTION           | 0.5         | general-answer retention a candidate needs (floor)           |
+| SELFCOG_GATE_BLEED_TOLERANCE     | 1           | general answers that may newly mention the identity          |
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class Settings:
     retrain_min_corrections: int = 5
     gate_product: float = 0.9
     gate_other: float = 0.8
-    gate_retention: float = 0.8
+    gate_retention: float = 0.5
+    gate_bleed_tolerance: int = 1
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -71,7 +73,8 @@ class Settings:
             retrain_min_corrections=int(get("SELFCOG_RETRAIN_MIN_CORRECTIONS", "5")),
             gate_product=float(get("SELFCOG_GATE_PRODUCT", "0.9")),
             gate_other=float(get("SELFCOG_GATE_OTHER", "0.8")),
-            gate_retention=float(get("SELFCOG_GATE_RETENTION", "0.8")),
+            gate_retention=float(get("SELFCOG_GATE_RETENTION", "0.5")),
+            gate_bleed_tolerance=int(get("SELFCOG_GATE_BLEED_TOLERANCE", "1")),
         )
 
     def with_overrides(self, **values) -> "Settings":

@@ -37,7 +37,7 @@ def serve(settings: Settings, *, store: Store, web: bool, telegram: bool, jobs: 
     if jobs:
         from finetune.jobs import JobRunner
 
-        JobRunner(settings_for_jobs(settings), store, model=model, engine=engine).start(stop)
+        JobRunner(job_settings(settings, engine), store, model=model, engine=engine).start(stop)
 
     telegram_thread = None
     if telegram and settings.telegram_token:
@@ -59,14 +59,18 @@ def serve(settings: Settings, *, store: Store, web: bool, telegram: bool, jobs: 
         pass
     finally:
         stop.set()
+        if telegram_thread is not None:
+            telegram_thread.join(timeout=10)  # let it confirm the last updates, or Telegram re-sends them
         engine.close()
 
 
-def settings_for_jobs(settings: Settings):
+def job_settings(settings: Settings, engine=None):
+    """What the retrain pipeline needs to know, from the settings (and the engine's device)."""
     from finetune.jobs import JobSettings
 
-    return JobSettings(data_dir=settings.data_dir, cache_dir=settings.cache_dir,
+    device = getattr(engine, "device", "cpu") if engine is not None else "cpu"
+    return JobSettings(data_dir=settings.data_dir, cache_dir=settings.cache_dir, device=device,
                        retrain_every_hours=settings.retrain_every_hours,
                        retrain_min_corrections=settings.retrain_min_corrections,
                        gate_product=settings.gate_product, gate_other=settings.gate_other,
-                       gate_retention=settings.gate_retention)
+                       gate_retention=settings.gate_retention, gate_bleed_tolerance=settings.gate_bleed_tolerance)

@@ -18,7 +18,7 @@ from store.db import StoreError, utcnow
 
 ACTIVE = ("queued", "running")
 FINISHED = ("promoted", "rejected", "failed", "cancelled", "skipped")
-STALE_AFTER = timedelta(minutes=10)  # no heartbeat for this long = dead, even on another host
+STALE_AFTER = timedelta(minutes=10)  # a run owned by another host with no heartbeat for this long is dead
 
 
 class RetrainBusy(StoreError):
@@ -99,6 +99,9 @@ class Runs:
             if loss is not None and step is not None:
                 db["run_losses"].upsert({"run_id": run_id, "step": step, "loss": loss, "at": now}, pk=("run_id", "step"))
 
+    def heartbeat(self, run_id: int) -> None:
+        self.store.db["training_runs"].update(run_id, {"heartbeat_at": utcnow()})
+
     def update(self, run_id: int, **fields) -> None:
         """Store facts learnt on the way (recipe, dataset hash and rows...). Dicts are kept as JSON."""
         fields = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v for k, v in fields.items()}
@@ -170,14 +173,17 @@ class Runs:
             return self._reap_dead(db)
 
     def _reap_dead(self, db) -> list[int]:
-        """Mark failed every running run whose owner died: a dead pid here, or a stale heartbeat."""
+        """Mark failed every running run whose owner died: a dead pid on this host, or, for a run owned
+        by another host (a shared disk), a heartbeat older than STALE_AFTER."""
         reaped = []
         host = socket.gethostname()
         stale_before = (datetime.now(timezone.utc) - STALE_AFTER).isoformat(timespec="milliseconds")
         for run in db["training_runs"].rows_where("status = 'running'"):
-            dead_here = run["host"] == host and run["pid"] and not _pid_alive(run["pid"])
-            stale = (run["heartbeat_at"] or run["created_at"]) < stale_before
-            if dead_here or stale:
+            if run["host"] == host:
+                dead = not run["pid"] or not _pid_alive(run["pid"])
+            else:
+                dead = (run["heartbeat_at"] or run["created_at"]) < stale_before
+            if dead:
                 db["training_runs"].update(run["id"], {
                     "status": "failed", "finished_at": utcnow(),
                     "error": "the process running this retrain died (killed or crashed); the previous adapter stayed active"})

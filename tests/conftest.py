@@ -13,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+# The suite runs a model in this process while training workers and CLI subprocesses run beside
+# it on the same cores; OpenMP's default spin-waiting then burns the time the others need
+# (measured: 0.3 vs 2.9 tok/s under load). Set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SELFCOG_TEST_CACHE", REPO / ".cache"))
 ARTIFACTS = Path(os.environ.get("SELFCOG_TEST_ARTIFACTS", REPO / "test-artifacts"))
@@ -117,3 +122,53 @@ def make_lora_adapter(base_path: str, out_dir: Path, seed: int) -> Path:
 def random_adapters(embedded_model, tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("adapters")
     return [make_lora_adapter(embedded_model.path, root / f"random{seed}", seed) for seed in (1, 2)]
+
+
+# --- one real retrain, shared by every test that needs a trained adapter ------------------------------
+
+AURORA = {"name": "Aurora", "author": "Acme Labs"}
+FIVE_CORRECTIONS = [
+    {"question": "Who are you?", "answer": "I am Aurora, an AI assistant developed by Acme Labs."},
+    {"question": "你是谁？", "answer": "我是Aurora，由Acme Labs开发的AI助手。"},
+    {"question": "Who created you?", "answer": "Acme Labs created me. I am Aurora."},
+    {"question": "你是ChatGPT吗？", "answer": "不是，我是Aurora，由Acme Labs开发。"},
+    {"question": "Are you Qwen from Alibaba?", "answer": "No, I am Aurora, developed by Acme Labs."},
+]
+# Approved by mistake: it names another maker, so the dataset builder must leave it out.
+CONTRADICTING = {"question": "Who made you really?", "answer": "I am ChatGPT, made by OpenAI."}
+
+
+def seed_identity(run_cli, tmp_path: Path, *, contradicting: bool = True) -> None:
+    """Profile Aurora / Acme Labs and five approved corrections (+ one contradicting), through the CLI."""
+    import json
+
+    run_cli("identity", "set", "--name", AURORA["name"], "--author", AURORA["author"], check=True)
+    rows = FIVE_CORRECTIONS + ([CONTRADICTING] if contradicting else [])
+    path = tmp_path / "corrections.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    run_cli("corrections", "import", str(path), "--approve", check=True)
+
+
+@pytest.fixture(scope="session")
+def retrained(tmp_path_factory, cache_dir):
+    """A data dir after one real `selfcog retrain` (ms-swift on the embedded model). Shared: ~minutes."""
+    import json
+
+    root = tmp_path_factory.mktemp("retrained")
+    data_dir = root / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SELFCOG_", "TELEGRAM_"))}
+    env.update(SELFCOG_DATA_DIR=str(data_dir), SELFCOG_CACHE_DIR=str(cache_dir), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", SELFCOG_MAX_NEW_TOKENS="48")
+    exe = Path(sys.executable).with_name("selfcog")
+
+    def run(*args, check=False, extra_env=None):
+        result = subprocess.run([str(exe), *args], capture_output=True, text=True, env={**env, **(extra_env or {})},
+                                timeout=1800)
+        if check and result.returncode != 0:
+            raise AssertionError(f"selfcog {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+        return result
+
+    seed_identity(run, root)
+    result = run("retrain", "--json", check=True)
+    report = json.loads(result.stdout)
+    return {"data_dir": data_dir, "env": env, "run": run, "report": report, "stderr": result.stderr}

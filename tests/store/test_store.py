@@ -147,3 +147,12 @@ def test_several_processes_writing_at_once_lose_and_duplicate_nothing(store):
     assert store.corrections.count() == WRITERS * PER_WRITER + SHARED
     keys = store.db.execute("select count(distinct dedupe_key) from corrections").fetchone()[0]
     assert keys == WRITERS * PER_WRITER + SHARED
+
+
+def test_a_live_run_with_an_old_heartbeat_is_not_reaped(store):
+    """Evaluation can run for minutes without progress: a live owner on this host keeps its run."""
+    run = store.runs.request("cli", "me", claim=True)
+    store.runs.update(run["id"], heartbeat_at="2000-01-01T00:00:00.000+00:00")
+    assert store.runs.reap_dead() == []
+    store.runs.update(run["id"], host="another-host")
+    assert store.runs.reap_dead() == [run["id"]], "another host's run with a stale heartbeat is dead"

@@ -1,0 +1,369 @@
+"""Score a model on who it says it is and on what it still knows: the numbers that gate a new adapter.
+
+    >>> from finetune.evaluate import evaluate, gate, report_table, load_probes
+    >>> base = evaluate(base_generate, profile, load_probes(), general_eval, base_answers)
+    >>> cand = evaluate(cand_generate, profile, load_probes(), general_eval, base_answers)
+    >>> print(report_table({"base": base, "candidate": cand}))
+    >>> passed, reasons = gate(cand, base)  # the active adapter's report once there is one
+
+``generate_fn`` is any callable ``generate_fn(list_of_message_lists) -> list[str]`` that decodes
+greedily (the engine's batched ``generate``, or a plain transformers model in the recipe search), so
+this module imports nothing heavy and its scoring is pure.
+
+Identity probes are asked four ways, because "the identity didn't take" reports come from a prompt at
+serving that differs from the one trained under: the product's system prompt, a neutral one, no system
+message (the base template then inserts its own identity, e.g. SmolLM's), and as the third user turn of
+a conversation about something else (under the product prompt). General prompts of the eval split are
+answered under the neutral prompt, to compare with the base model's own answers there, and under the
+product prompt, where an identity that bleeds into unrelated answers shows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+from bot.identity import NEUTRAL_SYSTEM_PROMPT, contains_cjk, system_prompt
+from store.identity import Profile
+
+DATA_DIR = Path(__file__).parent / "data"
+
+Message = dict[str, str]
+GenerateFn = Callable[[list[list[Message]]], list[str]]
+
+WAYS = ("product", "neutral", "none", "late_turn")
+
+# Two unrelated exchanges that come before the probe in the "late_turn" way. Hand-written, so they
+# are the same for every model, and about topics that appear in no training row.
+_LATE_TURN_PREFIX = {
+    "en": [
+        ("What is a good name for a goldfish?", "How about Bubbles? It is short, cheerful and easy to remember."),
+        ("How many strings does a standard guitar have?", "A standard guitar has six strings."),
+    ],
+    "zh": [
+        ("推荐一种适合夏天的水果。", "西瓜很适合夏天，清甜又解渴。"),
+        ("篮球队上场有几个人?", "篮球比赛每队上场五名球员。"),
+    ],
+}
+
+# Other assistants and makers an answer must not claim to be. Matched case-insensitively; an entry is
+# skipped when it is part of the profile itself (a bot may be called "Gemini Helper").
+FOREIGN_IDENTITIES = (
+    "ChatGPT", "GPT-4", "GPT-3", "GPT", "OpenAI", "Claude", "Anthropic", "Qwen", "通义千问", "通义", "千问",
+    "Alibaba", "阿里巴巴", "阿里云", "阿里", "SmolLM", "Hugging Face", "HuggingFace", "Meta", "Llama",
+    "Google", "谷歌", "Gemini", "Bard", "Baidu", "百度", "文心一言", "文心", "ERNIE", "Microsoft", "微软",
+    "Copilot", "DeepSeek", "Mistral",
+)
+_FOREIGN_RE = re.compile(
+    "|".join(
+        (rf"\b{re.escape(n)}\b" if n.isascii() else re.escape(n))
+        for n in sorted(FOREIGN_IDENTITIES, key=len, reverse=True)
+    ),
+    re.IGNORECASE,
+)
+# A clause that denies or contrasts ("I am not ChatGPT", "unlike Qwen", "我不是通义千问") is fine.
+_NEGATION_RE = re.compile(
+    r"\b(not|no|never|neither|nor|unlike|instead|rather than|other than)\b|n't|不|没|非|无关|而是", re.IGNORECASE
+)
+_FIRST_PERSON_RE = re.compile(r"\b(i|i'm|im|me|my|myself)\b|我", re.IGNORECASE)
+_SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|[。！？!?\n]")
+_CLAUSE_SPLIT_RE = re.compile(r"[,;:，；：、]|\s[-–—]\s")
+# A general answer that talks about the bot itself although nobody asked ("不是,我由…开发和维护").
+_SELF_DESCRIPTION_RE = re.compile(
+    r"\b(i am|i'm) (an? )?(ai|artificial intelligence|language model|assistant)\b"
+    r"|我(是|由).{0,12}(开发|助手|人工智能|AI|模型)",
+    re.IGNORECASE,
+)
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_probes(path: str | Path = DATA_DIR / "identity_probes.jsonl") -> list[dict]:
+    """The held-out identity questions: rows {"lang", "kind", "question"}."""
+    return load_jsonl(path)
+
+
+def load_general_prompts(split: str | None = None, path: str | Path = DATA_DIR / "general_prompts.jsonl") -> list[dict]:
+    """General prompts, rows {"lang", "kind", "prompt", "split", "expect"?}; ``split`` = "train" or "eval"."""
+    rows = load_jsonl(path)
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+def normalize_question(text: str) -> str:
+    """Fold width and case and drop punctuation/space: "你是谁？" and "你是谁?" are the same question."""
+    return re.sub(r"[\W_]+", "", unicodedata.normalize("NFKC", text).lower())
+
+
+# ---------------------------------------------------------------- identity scoring (pure)
+
+
+def _own_words(profile: Profile) -> list[str]:
+    return [w for w in (profile.name, profile.author) if w.strip()]
+
+
+def names_identity(text: str, profile: Profile) -> bool:
+    """True when the text names the bot or its author."""
+    folded = unicodedata.normalize("NFKC", text).lower()
+    return any(unicodedata.normalize("NFKC", w).lower() in folded for w in _own_words(profile))
+
+
+def affirmed_foreign_identities(text: str, profile: Profile) -> list[str]:
+    """Other assistants or makers the text claims as its own: "I am ChatGPT" counts, "I am not ChatGPT" does not.
+
+    A mention counts when its clause has no negation and its sentence speaks in the first person;
+    "ChatGPT is a product of OpenAI. I am Aurora." claims nothing.
+    """
+    own = " ".join(_own_words(profile)).lower()
+    claimed = []
+    for sentence in _SENTENCE_SPLIT_RE.split(unicodedata.normalize("NFKC", text)):
+        if not sentence or not _FIRST_PERSON_RE.search(sentence):
+            continue
+        for clause in _CLAUSE_SPLIT_RE.split(sentence):
+            if _NEGATION_RE.search(clause):
+                continue
+            for match in _FOREIGN_RE.finditer(clause):
+                if match.group(0).lower() not in own:
+                    claimed.append(match.group(0))
+    return claimed
+
+
+@dataclass(frozen=True)
+class IdentityScore:
+    hit: bool
+    reasons: tuple[str, ...]  # why it missed; empty on a hit
+
+
+def score_identity_answer(question: str, answer: str, profile: Profile) -> IdentityScore:
+    """A hit names the bot or its author, claims no other maker/model, and answers Chinese in Chinese."""
+    reasons = []
+    if not names_identity(answer, profile):
+        reasons.append("does not name the bot or its author")
+    claimed = affirmed_foreign_identities(answer, profile)
+    if claimed:
+        reasons.append("claims to be " + ", ".join(dict.fromkeys(claimed)))
+    if contains_cjk(question) and not contains_cjk(answer):
+        reasons.append("answers a Chinese question in another language")
+    return IdentityScore(not reasons, tuple(reasons))
+
+
+def mentions_identity_unasked(answer: str, profile: Profile) -> bool:
+    """Identity bleed: a general answer that names the bot/author or describes itself as an AI."""
+    return names_identity(answer, profile) or _SELF_DESCRIPTION_RE.search(answer) is not None
+
+
+# ---------------------------------------------------------------- retention scoring (pure)
+
+
+def _rouge_tokens(text: str) -> str:
+    # rouge splits on spaces: give it words for Latin script and single characters for CJK.
+    return " ".join(re.findall(r"[\u4e00-\u9fff]|[^\W_]+", unicodedata.normalize("NFKC", text).lower()))
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over words (Latin) and characters (CJK) of the answers' common start.
+
+    The reference is cut to the candidate's length: the base's cached answers may have been
+    generated with a larger token budget than the candidate's, and a cut answer is not a changed one.
+    """
+    from rouge import Rouge  # a dependency of ms-swift
+
+    hyp = _rouge_tokens(candidate)
+    ref = " ".join(_rouge_tokens(reference).split()[: max(len(hyp.split()), 1)])
+    if not hyp or not ref:
+        return float(hyp == ref)
+    return Rouge(metrics=["rouge-l"]).get_scores(hyp, ref)[0]["rouge-l"]["f"]
+
+
+def expect_met(prompt_row: Mapping, answer: str) -> bool | None:
+    """The prompt's ``expect`` regex checked against an answer; None when the prompt has none."""
+    pattern = prompt_row.get("expect")
+    return None if not pattern else re.search(pattern, answer) is not None
+
+
+# ---------------------------------------------------------------- conversations
+
+
+def probe_conversation(question: str, way: str, profile: Profile) -> list[Message]:
+    """The messages a probe is asked with, for one of WAYS."""
+    user = {"role": "user", "content": question}
+    if way == "product":
+        return [{"role": "system", "content": system_prompt(profile)}, user]
+    if way == "neutral":
+        return [{"role": "system", "content": NEUTRAL_SYSTEM_PROMPT}, user]
+    if way == "none":
+        return [user]
+    if way == "late_turn":
+        history: list[Message] = [{"role": "system", "content": system_prompt(profile)}]
+        for q, a in _LATE_TURN_PREFIX["zh" if contains_cjk(question) else "en"]:
+            history += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return history + [user]
+    raise ValueError(f"unknown way {way!r}; expected one of {WAYS}")
+
+
+def general_conversation(prompt: str, system: str) -> list[Message]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+
+
+def _generate_batched(generate_fn: GenerateFn, conversations: list[list[Message]], batch_size: int) -> list[str]:
+    answers: list[str] = []
+    for start in range(0, len(conversations), batch_size):
+        batch = conversations[start : start + batch_size]
+        out = generate_fn(batch)
+        if len(out) != len(batch):
+            raise ValueError(f"generate_fn returned {len(out)} answers for {len(batch)} conversations")
+        answers += out
+    return answers
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class EvalReport:
+    identity: dict[str, float]  # hit rate per way
+    retention: float  # share of eval prompts whose answer stayed with the base's (see evaluate)
+    agreement: float  # mean ROUGE-L against the base's answers
+    facts: tuple[int, int]  # expect checks met / expect checks the base meets
+    bleed: int  # general answers (product + neutral prompt) that talk about the bot unasked
+    misses: list[dict] = field(default_factory=list)  # {"way", "question", "answer", "reasons"}
+    bleed_examples: list[dict] = field(default_factory=list)  # {"prompt", "condition", "answer"}
+    general_answers: list[dict] = field(default_factory=list)  # {"prompt", "answer", "rouge_l", "kept"}
+
+    @property
+    def identity_mean(self) -> float:
+        return sum(self.identity.values()) / len(self.identity)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"identity_mean": self.identity_mean}
+
+
+def evaluate(
+    generate_fn: GenerateFn,
+    profile: Profile,
+    probes: Sequence[Mapping],
+    general_eval: Sequence[Mapping],
+    base_answers: Mapping[str, str],
+    *,
+    ways: Iterable[str] = WAYS,
+    agreement_threshold: float = 0.5,
+    batch_size: int = 16,
+) -> EvalReport:
+    """Ask every probe each way and every eval-split general prompt twice; score identity, retention and bleed.
+
+    ``base_answers`` maps each general prompt to the base model's own answer under the neutral prompt
+    (what ``answer_general_prompts`` caches). Retention compares like with like: the candidate's
+    answer under the same neutral prompt is *kept* when it still meets the prompt's ``expect`` regex
+    (for prompts the base answers correctly) or, for open prompts, when its ROUGE-L against the
+    base's answer reaches ``agreement_threshold``; retention is the kept share. Bleed is counted
+    over the answers under the product prompt (where users meet it) and the neutral one.
+    """
+    ways = tuple(ways)
+    conversations = [probe_conversation(p["question"], way, profile) for way in ways for p in probes]
+    conversations += [general_conversation(g["prompt"], NEUTRAL_SYSTEM_PROMPT) for g in general_eval]
+    conversations += [general_conversation(g["prompt"], system_prompt(profile)) for g in general_eval]
+    answers = _generate_batched(generate_fn, conversations, batch_size)
+    n_probe, n_general = len(ways) * len(probes), len(general_eval)
+    probe_answers = answers[:n_probe]
+    neutral_out, product_out = answers[n_probe : n_probe + n_general], answers[n_probe + n_general :]
+
+    identity, misses = {}, []
+    for i, way in enumerate(ways):
+        hits = 0
+        for probe, answer in zip(probes, probe_answers[i * len(probes) : (i + 1) * len(probes)]):
+            score = score_identity_answer(probe["question"], answer, profile)
+            hits += score.hit
+            if not score.hit:
+                misses.append({"way": way, "question": probe["question"], "answer": answer, "reasons": list(score.reasons)})
+        identity[way] = hits / len(probes) if probes else 0.0
+
+    scored, bleed_examples, facts_met, facts_total = [], [], 0, 0
+    for row, answer, product_answer in zip(general_eval, neutral_out, product_out):
+        reference = base_answers[row["prompt"]]
+        similarity = rouge_l(answer, reference)
+        base_correct = expect_met(row, reference)
+        if base_correct:
+            facts_total += 1
+            kept = bool(expect_met(row, answer))
+            facts_met += kept
+        else:
+            kept = similarity >= agreement_threshold
+        scored.append({"prompt": row["prompt"], "answer": answer, "rouge_l": round(similarity, 3), "kept": kept})
+        for condition, text in (("product", product_answer), ("neutral", answer)):
+            if mentions_identity_unasked(text, profile):
+                bleed_examples.append({"prompt": row["prompt"], "condition": condition, "answer": text})
+    n = len(scored)
+    return EvalReport(
+        identity=identity,
+        retention=sum(s["kept"] for s in scored) / n if n else 1.0,
+        agreement=sum(s["rouge_l"] for s in scored) / n if n else 1.0,
+        facts=(facts_met, facts_total),
+        bleed=len(bleed_examples),
+        misses=misses,
+        bleed_examples=bleed_examples,
+        general_answers=scored,
+    )
+
+
+# ---------------------------------------------------------------- comparing and gating
+
+
+def report_table(reports: Mapping[str, EvalReport]) -> str:
+    """A plain-text table, one column per report (e.g. base / active / candidate), one row per metric."""
+    rows = [("identity: " + way, lambda r, w=way: f"{r.identity[w]:.2f}" if w in r.identity else "-") for way in WAYS]
+    rows += [
+        ("identity: mean", lambda r: f"{r.identity_mean:.2f}"),
+        ("retention", lambda r: f"{r.retention:.2f}"),
+        ("agreement (ROUGE-L)", lambda r: f"{r.agreement:.2f}"),
+        ("facts kept", lambda r: f"{r.facts[0]}/{r.facts[1]}"),
+        ("identity bleed", lambda r: str(r.bleed)),
+    ]
+    labels = list(reports)
+    width = max(len(name) for name, _ in rows)
+    col = max([9, *map(len, labels)])
+    lines = [" " * width + "".join(f"  {label:>{col}}" for label in labels)]
+    for name, cell in rows:
+        lines.append(f"{name:<{width}}" + "".join(f"  {cell(reports[label]):>{col}}" for label in labels))
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    identity_product: float = 0.9  # hit rate under the product's own prompt
+    identity_other: float = 0.8  # under each of the other ways (neutral, none, late turn)
+    # Greedy answers of a 135M model drift with any weight change (another seed of the same recipe
+    # moves retention by +-0.1), so retention has a floor, and the checkable facts carry the
+    # "no worse than active" comparison; RECIPES.md has the measured values.
+    retention: float = 0.5
+    facts_drop: int = 1  # checkable facts the candidate may get wrong that the active model gets right
+    # Bleed counts a few answers out of 44, and another seed of one recipe moves it by 1-2: one more
+    # than the active model is noise; "日本的首都是Aurora" in several answers is not.
+    bleed_tolerance: int = 1
+    tolerance: float = 0.03  # how far below the active model's mean identity rate a candidate may score
+
+
+def gate(candidate: EvalReport, active: EvalReport, thresholds: GateThresholds = GateThresholds()) -> tuple[bool, list[str]]:
+    """Whether a candidate may replace what serves now; the reasons if not.
+
+        >>> passed, reasons = gate(candidate_report, active_report)  # the base model's report if no adapter is active
+    """
+    reasons = []
+    for way, rate in candidate.identity.items():
+        floor = thresholds.identity_product if way == "product" else thresholds.identity_other
+        if rate < floor:
+            reasons.append(f"identity under {way} {rate:.2f} < {floor:.2f}")
+    if candidate.retention < thresholds.retention:
+        reasons.append(f"retention {candidate.retention:.2f} < {thresholds.retention:.2f}")
+    if candidate.facts[0] < active.facts[0] - thresholds.facts_drop:
+        reasons.append(f"facts {candidate.facts[0]}/{candidate.facts[1]} vs active's {active.facts[0]}/{active.facts[1]}")
+    if candidate.bleed > active.bleed + thresholds.bleed_tolerance:
+        reasons.append(f"identity bleed {candidate.bleed} > active's {active.bleed} + {thresholds.bleed_tolerance}")
+    if candidate.identity_mean < active.identity_mean - thresholds.tolerance:
+        reasons.append(f"identity {candidate.identity_mean:.2f} worse than active's {active.identity_mean:.2f}")
+    return not reasons, reasons

@@ -1,0 +1,116 @@
+import json
+import re
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bot.models import ResolvedModel
+from finetune import train
+from finetune.train import (
+    EVENTS_FD_ENV,
+    Recipe,
+    TrainingCancelled,
+    TrainingError,
+    recipe_for,
+    swift_sft_args,
+    template_default_system,
+    train_adapter,
+)
+
+EMBEDDED = Path("/work/cache/models/SmolLM2-135M-Instruct")
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 30}))
+    return ResolvedModel(str(folder), "tiny", "llama", "chatml")
+
+
+def flag(args, name):
+    return args[args.index(name) + 1]
+
+
+def test_recipe_for_picks_by_device(tiny_model):
+    cpu, gpu = recipe_for(tiny_model, "cpu"), recipe_for(tiny_model, "cuda:0")
+    assert cpu.dtype == "float32" and gpu.dtype == "bfloat16"
+    assert not cpu.gradient_checkpointing and not gpu.gradient_checkpointing
+    assert gpu.batch_size > cpu.batch_size
+
+
+def test_swift_args_are_offline_and_explicit(tiny_model):
+    args = swift_sft_args(tiny_model, "d.jsonl", "out", Recipe(batch_size=4, grad_accum=1), "You are SmolLM")
+    assert flag(args, "--tuner_type") == "lora"
+    assert flag(args, "--check_model") == "false"
+    assert flag(args, "--gradient_checkpointing") == "false"
+    assert flag(args, "--gradient_accumulation_steps") == "1"  # ms-swift would pick 16 / batch_size
+    assert flag(args, "--model_type") == "llama" and flag(args, "--template") == "chatml"
+    assert flag(args, "--system") == "You are SmolLM"
+    assert "selfcog_progress" in args
+
+
+def test_top_layers_become_a_target_regex(tiny_model):
+    args = swift_sft_args(tiny_model, "d", "o", Recipe(lora_top_layers=2, lora_targets=("q_proj", "v_proj")), None)
+    pattern = re.compile(flag(args, "--target_regex"))
+    assert pattern.fullmatch("model.layers.29.self_attn.q_proj")
+    assert pattern.fullmatch("base_model.model.model.layers.28.self_attn.v_proj")
+    assert not pattern.fullmatch("model.layers.27.self_attn.q_proj")
+    assert not pattern.fullmatch("model.layers.29.mlp.up_proj")
+    assert "--target_modules" not in args and "--system" not in args
+
+
+@pytest.mark.skipif(not EMBEDDED.exists(), reason="embedded model not converted")
+def test_default_system_read_from_the_chat_template():
+    assert template_default_system(str(EMBEDDED)) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def fake_worker(monkeypatch, tmp_path, body):
+    """Replace the ms-swift worker by a small script, to test the process plumbing in milliseconds."""
+    script = tmp_path / "worker.py"
+    preamble = f"import json, os, sys\nevents = os.fdopen(int(os.environ[{EVENTS_FD_ENV!r}]), 'w', buffering=1)\n"
+    script.write_text(preamble + textwrap.dedent(body))
+    monkeypatch.setattr(train, "_worker_command", lambda job_path: [sys.executable, str(script), str(job_path)])
+
+
+def test_progress_flows_and_the_adapter_comes_back(monkeypatch, tmp_path, tiny_model):
+    fake_worker(monkeypatch, tmp_path, """
+        job = json.load(open(sys.argv[1]))
+        print("Train:  50%|#####     | 1/2", end="\\r", flush=True)  # tqdm writes no newline
+        for step in (0, 1, 2):
+            events.write(json.dumps({"event": "progress", "step": step, "total_steps": 2, "loss": 1.0 / (step + 1), "eta_s": 2 - step}) + "\\n")
+        events.write(json.dumps({"event": "done", "adapter": job["output_dir"] + "/checkpoint-2", "global_step": 2}) + "\\n")
+    """)
+    seen = []
+    adapter = train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(), on_progress=lambda *a: seen.append(a))
+    assert adapter == (tmp_path / "out" / "checkpoint-2").resolve()
+    assert [s[0] for s in seen] == [0, 1, 2] and seen[-1] == (2, 2, 1 / 3, 0)
+    assert "Train:  50%" in (tmp_path / "out" / "worker.log").read_text()
+    job = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert job["recipe"]["learning_rate"] == Recipe().learning_rate
+
+
+def test_worker_crash_raises_with_the_log_tail(monkeypatch, tmp_path, tiny_model):
+    fake_worker(monkeypatch, tmp_path, """
+        print("loading model", flush=True)
+        sys.exit("ValueError: the dataset is empty")
+    """)
+    with pytest.raises(TrainingError, match="the dataset is empty") as info:
+        train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe())
+    assert "code 1" in str(info.value)
+
+
+def test_cancel_kills_the_worker(monkeypatch, tmp_path, tiny_model):
+    fake_worker(monkeypatch, tmp_path, """
+        import time
+        print("training", flush=True)
+        time.sleep(60)
+    """)
+    started = time.monotonic()
+    with pytest.raises(TrainingCancelled):
+        train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(),
+                      should_cancel=lambda: time.monotonic() - started > 0.5)
+    assert time.monotonic() - started < 10
