@@ -63,7 +63,7 @@ def load_templates(path: str | Path = DATA_DIR / "identity_templates.jsonl") -> 
 # ---------------------------------------------------------------- general replay answers
 
 
-def answer_general_prompts(generate_fn: GenerateFn, prompts: Sequence[Mapping], *, batch_size: int = 16) -> list[dict]:
+def answer_general_prompts(generate_fn: GenerateFn, prompts: Sequence[Mapping]) -> list[dict]:
     """The base model's own answers to the general prompts (under the neutral prompt): replay rows and the retention reference.
 
         >>> general = answer_general_prompts(engine.generate, load_general_prompts())
@@ -75,9 +75,7 @@ def answer_general_prompts(generate_fn: GenerateFn, prompts: Sequence[Mapping], 
     conversations = [
         [{"role": "system", "content": NEUTRAL_SYSTEM_PROMPT}, {"role": "user", "content": p["prompt"]}] for p in prompts
     ]
-    answers: list[str] = []
-    for start in range(0, len(conversations), batch_size):
-        answers += generate_fn(conversations[start : start + batch_size])
+    answers = generate_fn(conversations)  # one call: the engine batches them continuously
     return [dict(p) | {"answer": a.strip()} for p, a in zip(prompts, answers)]
 
 

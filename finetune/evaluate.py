@@ -211,8 +211,11 @@ def general_conversation(prompt: str, system: str) -> list[Message]:
     return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
 
 
-def _generate_batched(generate_fn: GenerateFn, conversations: list[list[Message]], batch_size: int) -> list[str]:
+def _generate_batched(generate_fn: GenerateFn, conversations: list[list[Message]], batch_size: int | None) -> list[str]:
+    """batch_size None: everything in one call. The engine batches continuously, refilling a finished
+    reply's slot at once; fixed chunks would wait for each chunk's longest answer."""
     answers: list[str] = []
+    batch_size = batch_size or max(1, len(conversations))
     for start in range(0, len(conversations), batch_size):
         batch = conversations[start : start + batch_size]
         out = generate_fn(batch)
@@ -253,7 +256,7 @@ def evaluate(
     *,
     ways: Iterable[str] = WAYS,
     agreement_threshold: float = 0.5,
-    batch_size: int = 16,
+    batch_size: int | None = None,
 ) -> EvalReport:
     """Ask every probe each way and every eval-split general prompt twice; score identity, retention and bleed.
 

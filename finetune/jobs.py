@@ -27,7 +27,7 @@ from bot.models import ResolvedModel
 from finetune.dataset import DatasetError, answer_general_prompts, build_dataset
 from finetune.evaluate import (EvalReport, GateThresholds, evaluate, gate, load_general_prompts, load_probes,
                                report_table)
-from finetune.train import Recipe, TrainingCancelled, TrainingError, recipe_for, train_adapter
+from finetune.train import Recipe, TrainingCancelled, TrainingError, WarmWorkers, recipe_for, train_adapter
 from store import Profile, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,13 @@ class JobSettings:
     gate_other: float = 0.8
     gate_retention: float = GateThresholds.retention
     gate_bleed_tolerance: int = GateThresholds.bleed_tolerance
+    gate_facts_drop: int = GateThresholds.facts_drop
 
     @property
     def thresholds(self) -> GateThresholds:
         return GateThresholds(identity_product=self.gate_product, identity_other=self.gate_other,
-                              retention=self.gate_retention, bleed_tolerance=self.gate_bleed_tolerance)
+                              retention=self.gate_retention, bleed_tolerance=self.gate_bleed_tolerance,
+                              facts_drop=self.gate_facts_drop)
 
 
 # --- cached answers: the base model's general answers, and reports of weights that did not change ----
@@ -111,8 +113,10 @@ def build_run_dataset(store: Store, base_general: list[dict], recipe: Recipe, se
 # --- one retrain -----------------------------------------------------------------------------------
 
 def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel, settings: JobSettings,
-                recipe: Recipe | None = None) -> dict:
-    """Carry a claimed run from dataset to activation. Always ends the run; returns its report."""
+                recipe: Recipe | None = None, warm: WarmWorkers | None = None) -> dict:
+    """Carry a claimed run from dataset to activation. Always ends the run; returns its report.
+
+    warm: training workers started ahead of time (the job runner keeps one); None starts one cold."""
     run_id = run["id"]
     started = time.perf_counter()
     run_dir = Path(settings.data_dir) / "runs" / str(run_id)
@@ -146,7 +150,7 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
             model, dataset_path, run_dir / "train", recipe,
             on_progress=lambda step, total, loss, eta: store.runs.progress(
                 run_id, stage="training", step=step, total_steps=total, loss=loss, eta_s=eta),
-            should_cancel=lambda: store.runs.cancel_requested(run_id))
+            should_cancel=lambda: store.runs.cancel_requested(run_id), warm=warm)
         report["candidate_path"] = str(candidate)
 
         # 3 + 4. evaluation against what serves now, gate, promotion
@@ -239,8 +243,9 @@ class JobRunner:
     least N corrections were approved since. Admins can change both on the admin page."""
 
     def __init__(self, settings: JobSettings, store: Store, *, model: ResolvedModel, engine: Engine,
-                 poll_s: float = 1.0):
+                 poll_s: float = 1.0, recipe: Recipe | None = None):
         self.settings = settings
+        self.recipe = recipe  # None: recipe_for(model, device)
         self.store = store
         self.model = model
         self.engine = engine
@@ -252,16 +257,21 @@ class JobRunner:
         return thread
 
     def _loop(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                self.request_if_due()
-                run = self.store.runs.claim_next()
-                if run is not None:
-                    run_retrain(run, store=self.store, engine=self.engine, model=self.model, settings=self.settings)
-                    continue
-            except Exception:
-                log.exception("retrain runner: unexpected error (it keeps running)")
-            stop.wait(self.poll_s)
+        warm = WarmWorkers(prestart=True)  # a retrain then skips the worker's imports
+        try:
+            while not stop.is_set():
+                try:
+                    self.request_if_due()
+                    run = self.store.runs.claim_next()
+                    if run is not None:
+                        run_retrain(run, store=self.store, engine=self.engine, model=self.model,
+                                    settings=self.settings, recipe=self.recipe, warm=warm)
+                        continue
+                except Exception:
+                    log.exception("retrain runner: unexpected error (it keeps running)")
+                stop.wait(self.poll_s)
+        finally:
+            warm.close()
 
     def schedule(self) -> tuple[float, int]:
         """(interval hours, minimum new approved corrections); the admin page's values win over env."""

@@ -91,7 +91,7 @@ def _general_answers(cache: Path, model_path: str, device: str) -> list[dict]:
     missing = [p for p in prompts if p["prompt"] not in known]
     if missing:
         generate = local_generate_fn(model_path, max_new_tokens=GENERAL_MAX_NEW_TOKENS, device=device)
-        known |= {g["prompt"]: g for g in answer_general_prompts(generate, missing, batch_size=EVAL_BATCH)}
+        known |= {g["prompt"]: g for g in answer_general_prompts(generate, missing)}
         cache.write_text(json.dumps([known[p["prompt"]] for p in prompts], ensure_ascii=False, indent=1))
     return [known[p["prompt"]] | {"split": p["split"]} for p in prompts]
 

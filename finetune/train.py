@@ -16,6 +16,7 @@ callback); the worker's stdout and stderr go to ``worker.log``, whose tail a cra
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import signal
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 from bot.models import ResolvedModel
+
+log = logging.getLogger(__name__)
 
 EVENTS_FD_ENV = "SELFCOG_EVENTS_FD"  # the worker writes one JSON event per line to this file descriptor
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,50 +132,30 @@ def train_adapter(
     recipe: Recipe,
     on_progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    warm: "WarmWorkers | None" = None,
 ) -> Path:
     """Train in a worker process; return the adapter folder (peft format: adapter_config.json + adapter_model.safetensors).
 
     ``on_progress(step, total_steps, loss, eta_s)`` is called from this thread as the worker logs
     (once at start with step 0). ``should_cancel()`` is polled twice a second; True kills the worker
     and raises TrainingCancelled. A worker that fails raises TrainingError with its log's tail.
+    ``warm``: take a worker that already imported torch and ms-swift (see WarmWorkers) instead of
+    starting one cold.
     """
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     job_path = output_dir / "job.json"
     job_path.write_text(json.dumps(_job(model, dataset_path, output_dir, recipe), indent=1))
     log_path = output_dir / "worker.log"
-    env = os.environ | {
-        "HF_HUB_OFFLINE": "1",  # never reach for the hub: the model is a local folder
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",  # worker.log shows each line as it happens
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    if recipe.threads:
-        env["OMP_NUM_THREADS"] = str(recipe.threads)
-    # Events travel on a pipe of their own: ms-swift's tqdm bar shares stdout and breaks lines there.
-    events_read, events_write = os.pipe()
-    try:
-        with open(log_path, "w", encoding="utf-8") as log:
-            worker = subprocess.Popen(
-                _worker_command(job_path),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env | {EVENTS_FD_ENV: str(events_write)},
-                pass_fds=(events_write,),
-                cwd=output_dir,
-                start_new_session=True,  # its own process group, so cancel also kills dataloader children
-            )
-    finally:
-        os.close(events_write)  # the worker holds the only writer now: its exit ends the stream
-    events: queue.Queue[dict | None] = queue.Queue()
-    threading.Thread(target=_read_events, args=(events_read, events), daemon=True).start()
+    worker = warm.take() if warm is not None else Worker(recipe.threads)
+    worker.give(job_path)
     result: dict | None = None
     while True:
         if should_cancel and should_cancel():
-            _kill(worker)
+            worker.kill()
             raise TrainingCancelled(f"training cancelled; log: {log_path}")
         try:
-            event = events.get(timeout=0.5)
+            event = worker.events.get(timeout=0.5)
         except queue.Empty:
             continue
         if event is None:
@@ -181,15 +164,102 @@ def train_adapter(
             on_progress(event["step"], event["total_steps"], event.get("loss"), event.get("eta_s"))
         elif event["event"] == "done":
             result = event
-    code = worker.wait()
+    code = worker.process.wait()
     if code != 0 or result is None:
-        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:] if log_path.exists() else []
         raise TrainingError(f"training worker exited with code {code}; log: {log_path}\n" + "\n".join(tail))
     return Path(result["adapter"])
 
 
-def _worker_command(job_path: Path) -> list[str]:
-    return [sys.executable, "-m", "finetune.train", str(job_path)]
+class Worker:
+    """One worker process: it waits for a job path on stdin, trains it, reports on its events pipe."""
+
+    def __init__(self, threads: int | None):
+        env = os.environ | {
+            "HF_HUB_OFFLINE": "1",  # never reach for the hub: the model is a local folder
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",  # worker.log shows each line as it happens
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        # Events travel on a pipe of their own: ms-swift's tqdm bar shares stdout and breaks lines there.
+        events_read, events_write = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                _worker_command(), stdin=subprocess.PIPE, text=True,
+                env=env | {EVENTS_FD_ENV: str(events_write)}, pass_fds=(events_write,),
+                start_new_session=True,  # its own process group, so cancel also kills dataloader children
+            )
+        finally:
+            os.close(events_write)  # the worker holds the only writer now: its exit ends the stream
+        self.events: queue.Queue[dict | None] = queue.Queue()
+        threading.Thread(target=_read_events, args=(events_read, self.events), daemon=True).start()
+
+    def give(self, job_path: Path) -> None:
+        """Hand over the job; the worker moves its output to the job's worker.log and starts."""
+        try:
+            self.process.stdin.write(f"{job_path}\n")
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass  # it died while waiting: the caller sees the exit code
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+
+def _worker_command() -> list[str]:
+    return [sys.executable, "-m", "finetune.train"]
+
+
+class WarmWorkers:
+    """Keeps one worker started ahead of time, so a retrain doesn't wait for Python, torch and
+    ms-swift to import (most of ms-swift's 20-35 s from start to first step on a CPU).
+
+        >>> warm = WarmWorkers()          # `selfcog serve` holds one of these
+        >>> train_adapter(..., warm=warm)  # takes the waiting worker, starts the next in the background
+
+    Each worker trains one job and exits, so no state leaks from one retrain into the next. A worker
+    waiting for a job exits when this process dies (its stdin closes)."""
+
+    def __init__(self, threads: int | None = None, *, prestart: bool = False):
+        self.threads = threads
+        self._next: Worker | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        if prestart:
+            self.prepare()
+
+    def prepare(self) -> None:
+        """Start the next worker now if none is waiting."""
+        with self._lock:
+            if not self._closed and (self._next is None or self._next.process.poll() is not None):
+                self._next = Worker(self.threads)
+
+    def take(self) -> Worker:
+        with self._lock:
+            worker = self._next if self._next is not None and self._next.process.poll() is None else None
+            self._next = None
+        worker = worker or Worker(self.threads)
+        threading.Timer(1.0, self._prepare_quietly).start()  # after the taken one has its head start
+        return worker
+
+    def _prepare_quietly(self) -> None:
+        try:
+            self.prepare()
+        except OSError as e:
+            log.warning("could not start the next warm training worker: %s", e)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._next is not None:
+                self._next.kill()
+                self._next = None
 
 
 def _job(model: ResolvedModel, dataset_path, output_dir: Path, recipe: Recipe) -> dict:
@@ -206,14 +276,6 @@ def _read_events(fd: int, events: queue.Queue) -> None:
         for line in stream:
             events.put(json.loads(line))
     events.put(None)
-
-
-def _kill(worker: subprocess.Popen) -> None:
-    try:
-        os.killpg(worker.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    worker.wait()
 
 
 # ---------------------------------------------------------------- the worker side: ms-swift in this process
@@ -327,7 +389,31 @@ def run_job(job: dict, emit: Callable[[dict], None]) -> Path:
     return adapter
 
 
-if __name__ == "__main__":
+def receive_job() -> dict | None:
+    """In a worker: wait for the job path on stdin, then write all output to the job's worker.log."""
+    job_path = sys.stdin.readline().strip()
+    if not job_path:
+        return None  # stdin closed: the parent died or stood this worker down
+    job = json.loads(Path(job_path).read_text())
+    os.chdir(job["output_dir"])
+    log_file = open("worker.log", "w", encoding="utf-8")
+    sys.stdout.flush()
+    os.dup2(log_file.fileno(), 1)  # from here on everything this process prints goes to the job's log
+    os.dup2(log_file.fileno(), 2)
+    return job
+
+
+def _serve_one_job() -> None:
+    """The worker's main: import the heavy parts, wait for a job, train it."""
+    from swift import sft_main  # noqa: F401  (the point of a warm worker: importing this is most of its start)
+
+    job = receive_job()
+    if job is None:
+        return
     with os.fdopen(int(os.environ[EVENTS_FD_ENV]), "w", buffering=1, encoding="utf-8") as events:
         # A parent that died closes the pipe: the next event then fails and ends this worker too.
-        run_job(json.loads(Path(sys.argv[1]).read_text()), lambda event: events.write(json.dumps(event) + "\n"))
+        run_job(job, lambda event: events.write(json.dumps(event) + "\n"))
+
+
+if __name__ == "__main__":
+    _serve_one_job()

@@ -138,6 +138,32 @@ FIVE_CORRECTIONS = [
 CONTRADICTING = {"question": "Who made you really?", "answer": "I am ChatGPT, made by OpenAI."}
 
 
+@pytest.fixture
+def job_runner(store, engine, embedded_model, data_dir, cache_dir):
+    """The retrain runner `selfcog serve` starts beside the front ends, on this test's store and engine.
+
+    For the web page's and Telegram's own retrain tests, which test their front end's flow, not the
+    recipe or the gate (tests/retrain does, on the default recipe and gate): half the steps (one
+    epoch at twice the rate, RECIPES.md J6: teaches the identity as well, bleeds more) and a gate
+    that only asks for the identity, so a run is promoted in minutes on two cores."""
+    import threading
+
+    from finetune.jobs import JobRunner, JobSettings
+    from finetune.train import Recipe
+
+    settings = JobSettings(data_dir, cache_dir, gate_product=0.75, gate_other=0.5, gate_retention=0.0,
+                           gate_bleed_tolerance=100, gate_facts_drop=100)
+    stop = threading.Event()
+    runner = JobRunner(settings, store, model=embedded_model, engine=engine, poll_s=0.5,
+                       recipe=Recipe(epochs=1, learning_rate=2e-3))
+    thread = runner.start(stop)
+    yield runner
+    if store.runs.active():
+        store.runs.cancel(by="test teardown")  # a running worker is killed at its next check
+    stop.set()
+    thread.join(timeout=120)
+
+
 def seed_identity(run_cli, tmp_path: Path, *, contradicting: bool = True) -> None:
     """Profile Aurora / Acme Labs and five approved corrections (+ one contradicting), through the CLI."""
     import json

@@ -69,16 +69,18 @@ def test_default_system_read_from_the_chat_template():
 
 
 def fake_worker(monkeypatch, tmp_path, body):
-    """Replace the ms-swift worker by a small script, to test the process plumbing in milliseconds."""
+    """Replace the ms-swift worker by a small script, to test the process plumbing in milliseconds.
+
+    Like the real worker it waits for the job on stdin (receive_job), so ``job`` is the job dict."""
     script = tmp_path / "worker.py"
-    preamble = f"import json, os, sys\nevents = os.fdopen(int(os.environ[{EVENTS_FD_ENV!r}]), 'w', buffering=1)\n"
+    preamble = (f"import json, os, sys\nfrom finetune.train import receive_job\njob = receive_job()\n"
+                f"events = os.fdopen(int(os.environ[{EVENTS_FD_ENV!r}]), 'w', buffering=1)\n")
     script.write_text(preamble + textwrap.dedent(body))
-    monkeypatch.setattr(train, "_worker_command", lambda job_path: [sys.executable, str(script), str(job_path)])
+    monkeypatch.setattr(train, "_worker_command", lambda: [sys.executable, str(script)])
 
 
 def test_progress_flows_and_the_adapter_comes_back(monkeypatch, tmp_path, tiny_model):
     fake_worker(monkeypatch, tmp_path, """
-        job = json.load(open(sys.argv[1]))
         print("Train:  50%|#####     | 1/2", end="\\r", flush=True)  # tqdm writes no newline
         for step in (0, 1, 2):
             events.write(json.dumps({"event": "progress", "step": step, "total_steps": 2, "loss": 1.0 / (step + 1), "eta_s": 2 - step}) + "\\n")
@@ -114,3 +116,22 @@ def test_cancel_kills_the_worker(monkeypatch, tmp_path, tiny_model):
         train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(),
                       should_cancel=lambda: time.monotonic() - started > 0.5)
     assert time.monotonic() - started < 10
+
+
+def test_warm_worker_is_started_ahead_and_replaced_after_use(monkeypatch, tmp_path, tiny_model):
+    fake_worker(monkeypatch, tmp_path, """
+        events.write(json.dumps({"event": "done", "adapter": job["output_dir"], "global_step": 1}) + "\\n")
+    """)
+    warm = train.WarmWorkers(prestart=True)
+    first = warm._next
+    assert first is not None and first.process.poll() is None, "a worker is waiting before any job"
+    try:
+        train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out1", Recipe(), warm=warm)
+        assert first.process.returncode == 0, "the waiting worker took the job"
+        deadline = time.monotonic() + 10
+        while (warm._next is None or warm._next is first) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert warm._next is not None and warm._next is not first, "the next one warms up in the background"
+        train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out2", Recipe(), warm=warm)
+    finally:
+        warm.close()

@@ -19,7 +19,8 @@ import pytest
 from store import Store
 from tests.conftest import AURORA, CONTRADICTING, seed_identity
 
-pytestmark = pytest.mark.slow
+# The first test waits for the shared `retrained` fixture: ~15 minutes alone on two cores.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
 
 
 def names_aurora(text: str) -> bool:

@@ -1,18 +1,17 @@
-"""/retrain from Telegram with a real retrain: the job runner trains with ms-swift on CPU (minutes).
+"""/retrain from Telegram with a real retrain: the job runner trains with ms-swift on CPU (minutes,
+on the quick recipe of the `job_runner` fixture in tests/conftest.py).
 
     .venv/bin/python -m pytest tests/telegram/test_telegram_retrain.py
 """
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from telegram_helpers import ADMIN, drive
 
 pytestmark = [pytest.mark.telegram, pytest.mark.slow]
 
-RETRAIN_S = 3600  # base answers (cached after the first run) + ms-swift training + evaluation, on a shared 2-core CPU
+RETRAIN_S = 2400  # base answers (cached after the first run) + ms-swift training + evaluation: ~6 min alone on 2 cores
 FIXES = [
     ("Who are you?", "I am Aurora, an assistant made by Acme Labs."),
     ("What is your name?", "My name is Aurora."),
@@ -22,16 +21,10 @@ FIXES = [
 
 
 @pytest.mark.timeout(RETRAIN_S + 300)
-def test_admin_retrain_edits_progress_then_shows_the_result(tg, chat, admin, store, engine, embedded_model,
-                                                            data_dir, cache_dir):
-    from finetune.jobs import JobRunner, JobSettings
-
+def test_admin_retrain_edits_progress_then_shows_the_result(tg, chat, admin, store, job_runner):
     store.identity.set(name="Aurora", author="Acme Labs", changed_by="test")
     for question, answer in FIXES:
         admin.add_correction(question, answer, by="test", approve=True)
-    stop = threading.Event()
-    runner = JobRunner(JobSettings(data_dir=data_dir, cache_dir=cache_dir), store, model=embedded_model,
-                       engine=engine, poll_s=0.5).start(stop)
 
     def result(message_id: int) -> dict | None:
         message = tg.message(ADMIN, message_id)
@@ -42,13 +35,7 @@ def test_admin_retrain_edits_progress_then_shows_the_result(tg, chat, admin, sto
         progress = await tg.wait_for_message_async(ADMIN, contains="Retrain #", since=asked)
         return await tg.wait_for_async(lambda: result(progress["message_id"]), RETRAIN_S, what="the retrain's result")
 
-    try:
-        final = drive(tg, chat, admin, scenario)
-    finally:
-        if store.runs.active():
-            admin.cancel_retrain(by="test")  # the runner's thread stops training at its next check
-        stop.set()
-        runner.join(timeout=120)
+    final = drive(tg, chat, admin, scenario)
 
     [run] = store.runs.list()
     assert run["trigger"] == "telegram" and run["requested_by"] == f"telegram:{ADMIN}"

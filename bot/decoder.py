@@ -1,0 +1,308 @@
+"""The model steps the engine's scheduler drives: prefill new prompts, decode one token for every running reply.
+
+    >>> dec = make_decoder(model, capacity=8, max_len=2048)
+    >>> logits = dec.prefill(slots=[0, 1], prompts=[ids0, ids1])  # [2, vocab]: after each prompt's last token
+    >>> logits = dec.decode(tokens=[t0, t1], positions=[p0, p1])  # [2, vocab]; row i is slot i
+
+Each reply in flight owns one row ("slot") of a preallocated KV cache; the scheduler keeps the busy
+slots packed at 0..n-1 (``move`` fills a hole when a reply ends), so a decode step is one batched
+forward over rows 0..n-1 and no cache is copied per step.
+
+``LlamaDecoder`` runs Llama-family models (Llama, SmolLM2, Qwen2/2.5, Mistral) with its own short
+forward pass that reads the transformers model's weights in place: peft's merge/unmerge of the live
+adapter is seen at the next step, with no copy. It skips what ``model.generate`` spends per token
+(logits processors, cache objects, mask building, logits for every prompt position), and on CUDA it
+replays the decode step as CUDA graphs, one per batch-size bucket (a 7B decode step is ~1,000 small
+kernels: launching them one by one costs more than running them). Any other architecture gets
+``HFDecoder``: transformers' own forward, one reply at a time, correct but slower.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+
+
+def make_decoder(model, *, capacity: int, max_len: int, cuda_graphs: bool = True):
+    """The fastest decoder that supports ``model`` (a transformers causal LM, adapters not yet applied)."""
+    config = model.config
+    plain = (config.model_type in LLAMA_FAMILY and not getattr(config, "use_sliding_window", False)
+             and getattr(config, "hidden_act", "silu") == "silu" and not getattr(config, "mlp_bias", False)
+             # RoPE tables are computed once for every position: only position-independent scalings
+             and (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default") in (
+                 "default", "linear", "llama3", "yarn"))
+    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
+        plain = plain and config.sliding_window >= max_len
+    if plain:
+        return LlamaDecoder(model, capacity=capacity, max_len=max_len, cuda_graphs=cuda_graphs)
+    log.info("%s has no fast decoder here: using transformers' forward, one reply at a time", config.model_type)
+    return HFDecoder(model, capacity=capacity, max_len=max_len)
+
+
+class LlamaDecoder:
+    """Llama-family forward with a slot KV cache; see the module docstring."""
+
+    def __init__(self, model, *, capacity: int, max_len: int, cuda_graphs: bool = True):
+        config = model.config
+        inner = model.model
+        self.capacity, self.max_len = capacity, max_len
+        self.device = next(model.parameters()).device
+        # padded prompt tokens per prefill forward: bounds the pause the running replies see
+        self.prefill_tokens = 8192 if self.device.type == "cuda" else 512
+        self.dtype = inner.embed_tokens.weight.dtype
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.eps = config.rms_norm_eps
+        self.embed = inner.embed_tokens
+        self.final_norm = inner.norm
+        self.lm_head = model.lm_head
+        # The nn.Linear objects themselves: peft later wraps them (as `base_layer`) but keeps the same
+        # objects and merges into their .weight in place, so these references stay valid.
+        self.layers = [(layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                        layer.self_attn.o_proj, layer.post_attention_layernorm, layer.mlp.gate_proj, layer.mlp.up_proj,
+                        layer.mlp.down_proj) for layer in inner.layers]
+        # RoPE tables from the model's own rotary module (so scaled variants match), one row per position.
+        with torch.no_grad():
+            positions = torch.arange(max_len, device=self.device)[None]
+            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        # The cache is zeroed (a masked position must hold finite numbers: 0 x NaN is NaN) and, on a CPU,
+        # grows in length as replies need it; CUDA graphs need it whole and fixed from the start.
+        self.graphs = _DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" else None
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.allocated = 0
+        self._reserve(max_len if self.graphs is not None else min(max_len, 128))
+        if self.graphs is not None:
+            self.graphs.capture_all()  # ~1 s for a 7B model; otherwise the first replies of each size pay it
+
+    # --- the two steps --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run prompts into cache rows ``slots`` in one forward; return the logits (float32) after each one's last token.
+
+        Prompts are right-padded to the longest: causal attention keeps a prompt's tokens from seeing
+        the padding after them, and the padding's cache entries lie past the prompt's end, where a
+        decode step overwrites them before anything reads them."""
+        b, n = len(prompts), max(map(len, prompts))
+        self._reserve(n)
+        ids = torch.tensor([p + [0] * (n - len(p)) for p in prompts], device=self.device)
+        rows = torch.tensor(slots, device=self.device)
+        x = self.embed(ids)  # [b, n, hidden]
+        cos, sin = self.cos[:n], self.sin[:n]
+        groups = self.n_heads // self.n_kv
+        for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, down) in enumerate(self.layers):
+            h = _rms_norm(x, norm1.weight, self.eps)
+            q = _linear(h, q_proj).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+            k = _linear(h, k_proj).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+            v = _linear(h, v_proj).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            self.k[i][rows, :, :n] = k
+            self.v[i][rows, :, :n] = v
+            a = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                               is_causal=True)
+            x = x + _linear(a.transpose(1, 2).reshape(b, n, -1), o_proj)
+            h = _rms_norm(x, norm2.weight, self.eps)
+            x = x + _linear(F.silu(_linear(h, gate)) * _linear(h, up), down)
+        last = x[torch.arange(b, device=self.device), torch.tensor([len(p) - 1 for p in prompts], device=self.device)]
+        return _linear(_rms_norm(last, self.final_norm.weight, self.eps), self.lm_head).float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of rows 0..n-1 (token i sits at position i of slot i); return logits [n, vocab]."""
+        n = len(tokens)
+        if self.graphs is not None:
+            return self.graphs.run(tokens, positions)
+        self._reserve(max(positions) + 1)
+        tokens_t = torch.tensor(tokens, device=self.device)
+        positions_t = torch.tensor(positions, device=self.device)
+        return self._decode(tokens_t, positions_t, kv_len=max(positions) + 1)[:n].float()
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The decode forward on tensors (what the CUDA graphs capture): rows = len(tokens)."""
+        n = tokens.shape[0]
+        rows = torch.arange(n, device=self.device)
+        groups = self.n_heads // self.n_kv
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [n, 1, head_dim]
+        # row r sees cache positions 0..positions[r]; the rest of its row is stale or unwritten.
+        mask = (torch.arange(kv_len, device=self.device)[None] <= positions[:, None])[:, None, None]  # [n,1,1,kv]
+        x = self.embed(tokens)  # [n, hidden]
+        for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, down) in enumerate(self.layers):
+            h = _rms_norm(x, norm1.weight, self.eps)
+            q = _rope(_linear(h, q_proj).view(n, self.n_heads, self.head_dim), cos, sin)
+            k = _rope(_linear(h, k_proj).view(n, self.n_kv, self.head_dim), cos, sin)
+            v = _linear(h, v_proj).view(n, self.n_kv, self.head_dim)
+            self.k[i][rows, :, positions] = k
+            self.v[i][rows, :, positions] = v
+            # Grouped-query attention without copying K/V: the query heads that share a KV head are
+            # laid out as that head's "query positions" (a decode step has one position per row).
+            q = q.view(n, self.n_kv, groups, self.head_dim)
+            a = F.scaled_dot_product_attention(q, self.k[i][:n, :, :kv_len], self.v[i][:n, :, :kv_len], attn_mask=mask)
+            x = x + _linear(a.reshape(n, -1), o_proj)
+            h = _rms_norm(x, norm2.weight, self.eps)
+            x = x + _linear(F.silu(_linear(h, gate)) * _linear(h, up), down)
+        return _linear(_rms_norm(x, self.final_norm.weight, self.eps), self.lm_head)
+
+    # --- cache bookkeeping ----------------------------------------------------------------------
+    def _reserve(self, length: int) -> None:
+        """Make the cache hold at least ``length`` positions per slot (doubling, up to max_len)."""
+        if length <= self.allocated:
+            return
+        if length > self.max_len:
+            raise ValueError(f"a reply needs {length} positions; the cache holds {self.max_len}")
+        new = min(self.max_len, max(length, 2 * self.allocated))
+        shape = (self.capacity, self.n_kv, new, self.head_dim)
+        for cache in (self.k, self.v):
+            for i in range(len(self.layers)):
+                grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if cache[i:]:
+                    grown[:, :, :self.allocated] = cache[i]
+                    cache[i] = grown
+                else:
+                    cache.append(grown)
+        self.allocated = new
+
+    @torch.inference_mode()
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy a reply's cache row (its first ``length`` positions) from slot src to slot dst."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+    def release(self, slot: int) -> None:
+        """Slot no longer used (nothing to free: rows are preallocated)."""
+
+    def weights_changed(self) -> None:
+        """Called after the live weights changed (merge/unmerge): CUDA graphs re-check their pointers."""
+        if self.graphs is not None:
+            self.graphs.check_weights()
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # as transformers' LlamaRMSNorm: in float32, then back
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _linear(x: torch.Tensor, module) -> torch.Tensor:
+    return F.linear(x, module.weight, module.bias)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _DecodeGraphs:
+    """CUDA graphs of LlamaDecoder._decode, one per batch size bucket (1, 2, 4, ... capacity).
+
+    Rows past the real batch are padding: they decode token 0 at position 0 of their own (free) slot,
+    which a later prefill overwrites. Attention spans the whole cache length (a graph has fixed shapes);
+    masked positions add nothing. All are captured when the decoder starts, and again if the weights move in memory.
+    """
+
+    def __init__(self, decoder: LlamaDecoder):
+        self.decoder = decoder
+        self.buckets = sorted({min(2 ** i, decoder.capacity) for i in range(decoder.capacity.bit_length() + 1)})
+        self.graphs: dict[int, tuple] = {}  # bucket -> (graph, tokens, positions, logits)
+        self.pool = None
+        self.weight_ptrs = self._weight_ptrs()
+
+    def _weight_ptrs(self) -> list[int]:
+        d = self.decoder
+        mods = [m for layer in d.layers for m in layer] + [d.embed, d.final_norm, d.lm_head]
+        return [m.weight.data_ptr() for m in mods]
+
+    def check_weights(self) -> None:
+        # Graphs hold raw addresses: if a weight was replaced instead of updated in place, recapture.
+        ptrs = self._weight_ptrs()
+        if ptrs != self.weight_ptrs:
+            log.info("weights moved in memory: recapturing the decode CUDA graphs")
+            self.graphs.clear()
+            self.pool = None
+            self.weight_ptrs = ptrs
+            self.capture_all()
+
+    def capture_all(self) -> None:
+        for bucket in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
+            if bucket not in self.graphs:
+                self.graphs[bucket] = self._capture(bucket)
+
+    def run(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        n = len(tokens)
+        bucket = next(b for b in self.buckets if b >= n)
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket)
+        graph, tokens_t, positions_t, logits = self.graphs[bucket]
+        pad = bucket - n
+        tokens_t.copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
+        positions_t.copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        graph.replay()
+        return logits[:n].float()
+
+    def _capture(self, bucket: int) -> tuple:
+        d = self.decoder
+        tokens = torch.zeros(bucket, dtype=torch.long, device=d.device)
+        positions = torch.zeros(bucket, dtype=torch.long, device=d.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels and allocator outside the graph
+                d._decode(tokens, positions, d.max_len)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
+            logits = d._decode(tokens, positions, d.max_len)
+        self.pool = graph.pool()
+        return graph, tokens, positions, logits
+
+
+class HFDecoder:
+    """Any transformers causal LM: its own forward and DynamicCache, one reply per forward."""
+
+    def __init__(self, model, *, capacity: int, max_len: int):
+        self.model, self.capacity, self.max_len = model, capacity, max_len
+        self.prefill_tokens = 0  # one prompt per forward anyway
+        self.device = next(model.parameters()).device
+        self.caches: dict[int, object] = {}
+
+    @torch.inference_mode()
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        rows = []
+        for slot, ids in zip(slots, prompts):
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
+            self.caches[slot] = cache
+            rows.append(out.logits[0, -1].float())
+        return torch.stack(rows)
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        rows = []
+        for slot, (token, position) in enumerate(zip(tokens, positions)):
+            out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=self.caches[slot],
+                             use_cache=True, position_ids=torch.tensor([[position]], device=self.device),
+                             cache_position=torch.tensor([position], device=self.device))
+            rows.append(out.logits[0, -1].float())
+        return torch.stack(rows)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.caches[dst] = self.caches.pop(src)
+
+    def release(self, slot: int) -> None:
+        self.caches.pop(slot, None)
+
+    def weights_changed(self) -> None:
+        pass

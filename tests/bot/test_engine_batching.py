@@ -1,0 +1,256 @@
+"""The engine's scheduler and decoder on tiny random models: milliseconds per test, no real weights.
+
+test_engine.py checks the same engine on the real embedded model; here a 2-layer model with the
+embedded tokenizer exercises the logic: the lean decoder matches transformers, requests join a
+running batch, slots are reused, weights groups run first come first served, swaps keep chats alive.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+
+from bot.decoder import HFDecoder, LlamaDecoder, make_decoder
+from bot.engine import AdapterRef, LocalEngine
+from bot.models import ResolvedModel
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def _tiny(kind: str, folder, tokenizer_from: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    config = Qwen2Config(**common) if kind == "qwen2" else LlamaConfig(**common)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # wider weights than the default init, so that logits are far from ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+            elif kind == "qwen2":
+                p.normal_(0, 0.1)  # biases too
+            else:
+                p.fill_(1.0)  # norms
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (src := tokenizer_from / name).exists():
+            shutil.copy(src, folder / name)
+    return ResolvedModel(str(folder), f"tiny-{kind}", kind, "chatml")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(embedded_model, tmp_path_factory):
+    from pathlib import Path
+
+    return _tiny("llama", tmp_path_factory.mktemp("tiny-llama"), Path(embedded_model.path))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(embedded_model, tmp_path_factory):
+    from pathlib import Path
+
+    return _tiny("qwen2", tmp_path_factory.mktemp("tiny-qwen"), Path(embedded_model.path))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_llama, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folders = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama.path)
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                     init_lora_weights=False))
+        folder = tmp_path_factory.mktemp(f"tiny-adapter{seed}")
+        peft_model.save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+@pytest.fixture
+def tiny_engine(tiny_llama):
+    active = {"row": None}
+    engine = LocalEngine(tiny_llama, active_adapter=lambda: active["row"], max_new_tokens=12, poll_s=0.05, batch_size=4)
+    engine.active = active
+    yield engine
+    engine.close()
+
+
+def _greedy_hf(model, ids: list[int], n: int) -> list[int]:
+    """The reference: transformers' full forward over the whole sequence at every step, no cache."""
+    tokens = []
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(model(input_ids=torch.tensor([ids + tokens])).logits[0, -1].argmax()))
+    return tokens
+
+
+def _greedy_decoder(decoder, ids: list[int], n: int) -> list[int]:
+    token = int(decoder.prefill([0], [ids])[0].argmax())
+    tokens = [token]
+    for i in range(n - 1):
+        token = int(decoder.decode([token], [len(ids) + i])[0].argmax())
+        tokens.append(token)
+    return tokens
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_lean_decoder_matches_transformers(kind, tiny_llama, tiny_qwen):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained((tiny_llama if kind == "llama" else tiny_qwen).path).eval()
+    decoder = make_decoder(model, capacity=4, max_len=128)
+    assert isinstance(decoder, LlamaDecoder)
+    ids = [1, 500, 42, 7000, 123, 9, 31000]
+    assert _greedy_decoder(decoder, ids, 20) == _greedy_hf(model, ids, 20)
+    # and the generic fallback, one reply at a time
+    assert _greedy_decoder(HFDecoder(model, capacity=4, max_len=128), ids, 20) == _greedy_hf(model, ids, 20)
+
+
+def test_batched_prefill_and_decode_rows_match_single_rows(tiny_llama):
+    """Rows of one forward are independent: different prompts, lengths and slots give each row its own logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.path).eval()
+    decoder = make_decoder(model, capacity=4, max_len=128)
+    prompts = [[1, 2000, 30], [1, 5, 6, 7, 8, 9, 10, 11], [1, 40000]]
+    singles, firsts = [], []
+    for ids in prompts:
+        firsts.append(decoder.prefill([0], [ids])[0])
+        singles.append(decoder.decode([77], [len(ids)])[0])
+    # prompts of different lengths prefilled together (right-padded), then decoded together
+    batched_firsts = decoder.prefill([0, 1, 2], prompts)
+    batched = decoder.decode([77] * 3, [len(p) for p in prompts])
+    for got, want in zip([*batched_firsts, *batched], [*firsts, *singles]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # moving a cache row (when a reply ends, the last one fills its slot) keeps that reply intact
+    decoder.prefill([0], [prompts[2] + [77]])
+    expected = decoder.decode([88], [len(prompts[2]) + 1])[0]
+    decoder.prefill([0, 1, 2], prompts)
+    decoder.decode([77] * 3, [len(p) for p in prompts])
+    decoder.move(2, 0, len(prompts[2]) + 1)
+    torch.testing.assert_close(decoder.decode([88], [len(prompts[2]) + 1])[0], expected, rtol=1e-4, atol=1e-4)
+
+
+QUESTIONS = [[{"role": "user", "content": q}] for q in ("Hi", "What is two plus two?", "Name a colour.",
+                                                         "Tell me a story about a very long river.", "Ok", "Why?")]
+
+
+def test_stream_and_generate_agree_and_batches_exceed_slots(tiny_engine):
+    streamed = ["".join(tiny_engine.stream(q)).strip() for q in QUESTIONS]
+    assert tiny_engine.generate(QUESTIONS) == streamed  # 6 conversations through 4 slots
+    assert tiny_engine.generate(QUESTIONS[::-1]) == streamed[::-1]  # order and company don't matter
+    assert len(set(streamed)) > 1
+
+
+def test_stream_counts_tokens_and_stops_at_the_limit(tiny_engine):
+    reply = tiny_engine.stream(QUESTIONS[0], max_new_tokens=5)
+    pieces = list(reply)
+    assert reply.completion_tokens == 5 and reply.prompt_tokens > 3
+    assert reply.first_token_s is not None and reply.seconds >= reply.first_token_s
+    assert "".join(pieces).strip() == tiny_engine.generate([QUESTIONS[0]], max_new_tokens=5)[0]
+
+
+def test_a_new_chat_joins_a_running_batch(tiny_engine):
+    """Continuous batching: a short reply asked for mid-way through a long one finishes first."""
+    long_reply = tiny_engine.stream(QUESTIONS[3], max_new_tokens=400)
+    pieces = iter(long_reply)
+    next(pieces)  # the long reply is running
+    short = tiny_engine.stream(QUESTIONS[0], max_new_tokens=3)
+    short_text = "".join(short)
+    assert short_text
+    assert not long_reply._done.is_set(), "the short reply should not wait for the long one"
+    rest = list(pieces)
+    assert rest and long_reply.completion_tokens == 400
+
+
+def test_requests_arriving_together_share_one_prefill(tiny_engine):
+    calls = []
+    prefill = tiny_engine._decoder.prefill
+    tiny_engine._decoder.prefill = lambda slots, prompts: calls.append(len(prompts)) or prefill(slots, prompts)
+    tiny_engine.generate(QUESTIONS)  # 6 conversations, 4 slots: 4 together, then 2 as slots free up
+    assert calls[0] == 4 and sum(calls) == 6
+
+
+def test_cancelled_reply_frees_its_slot(tiny_engine):
+    replies = [tiny_engine.stream(q, max_new_tokens=400) for q in QUESTIONS[:4]]  # all 4 slots
+    for reply in replies:
+        next(iter(reply))
+        reply.cancel()
+    started = time.perf_counter()
+    assert tiny_engine.generate([QUESTIONS[0]], max_new_tokens=3)[0]
+    assert time.perf_counter() - started < 5
+    for reply in replies:
+        list(reply)  # ends without error
+        assert reply.completion_tokens < 400
+
+
+def test_weights_groups_and_live_swap(tiny_engine, tiny_adapters):
+    engine = tiny_engine
+    base = engine.generate(QUESTIONS[:3])
+    engine.active["row"] = {"version": 1, "path": str(tiny_adapters[0])}
+    assert engine.refresh_adapter() == 1
+    live = engine.generate(QUESTIONS[:3])
+    assert live != base
+    # base and a candidate asked while the live adapter serves, then the live weights come back exactly
+    assert engine.generate(QUESTIONS[:3], adapter=AdapterRef.BASE) == base
+    candidate = engine.generate(QUESTIONS[:3], adapter=tiny_adapters[1])
+    assert candidate not in (base, live)
+    assert engine.generate(QUESTIONS[:3]) == live
+    # a chat streaming while the adapter changes finishes; the next reply comes from the new adapter
+    reply = engine.stream(QUESTIONS[3], max_new_tokens=300)
+    pieces = iter(reply)
+    next(pieces)
+    engine.active["row"] = {"version": 2, "path": str(tiny_adapters[1])}
+    deadline = time.monotonic() + 5
+    while engine.adapter_version != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.adapter_version == 2, "swapped while the chat was running"
+    list(pieces)
+    assert reply.error is None and reply.adapter_version == 1 and reply.completion_tokens == 300
+    after = engine.stream(QUESTIONS[0])
+    assert "".join(after).strip() == candidate[0] and after.adapter_version == 2
+    engine.active["row"] = None
+    assert engine.refresh_adapter() is None
+    assert engine.generate(QUESTIONS[:3]) == base
+
+
+def test_requests_for_other_weights_wait_their_turn(tiny_engine, tiny_adapters):
+    """First come, first served across weights: an evaluation batch does not starve chat, nor chat it."""
+    engine = tiny_engine
+    engine.active["row"] = {"version": 1, "path": str(tiny_adapters[0])}
+    engine.refresh_adapter()
+    expected_base = engine.generate(QUESTIONS, adapter=AdapterRef.BASE)
+    expected_live = engine.generate(QUESTIONS)
+    results = {}
+    chat = engine.stream(QUESTIONS[3], max_new_tokens=60)
+    thread = threading.Thread(target=lambda: results.setdefault("base", engine.generate(QUESTIONS, adapter=AdapterRef.BASE)))
+    thread.start()
+    late_chat = None
+    time.sleep(0.05)
+    late_chat = engine.stream(QUESTIONS[0])
+    assert "".join(late_chat).strip() == expected_live[0]
+    thread.join(timeout=30)
+    assert results["base"] == expected_base
+    assert "".join(chat).strip() and chat.error is None
+
+
+def test_bad_candidate_folder_fails_only_its_request(tiny_engine, tmp_path):
+    with pytest.raises(Exception, match="does not exist"):
+        tiny_engine.generate(QUESTIONS[:2], adapter=tmp_path / "missing")
+    assert tiny_engine.generate(QUESTIONS[:1])[0]
+
+
+def test_sampling_uses_temperature(tiny_engine):
+    torch.manual_seed(0)
+    answers = {tiny_engine.generate([QUESTIONS[0]], temperature=1.5)[0] for _ in range(4)}
+    assert len(answers) > 1
