@@ -114,7 +114,7 @@ def run_engine(kind: str, model, adapters: list[Path], args) -> dict:
         return result
     result["concurrent"] = common.concurrent_chats(engine, args.chats, args.concurrent_tokens)
     print(f"[{kind}] {args.chats} chats: {result['concurrent']}", flush=True)
-    # evaluation: the candidate adapter; evaluate() asks in chunks of 16 today
+    # evaluation: the candidate adapter, in chunks of 16 as evaluate() used to, and in one call as it does now
     if kind == "baseline":
         one_chunk = eval_workload(engine, str(adapters[1]), chunk=16, limit=4)  # 16 + 1 conversations: one chunk
         result["eval_one_chunk"] = one_chunk
@@ -201,7 +201,7 @@ def summary(results: dict) -> list[tuple[str, tuple, list]]:
          f"{get(new, 'swap', 'busy_chats_finished')}/{get(new, 'swap', 'busy_chats')}" if get(new, "swap") else None, None,
          "all"),
         ("eval (216 x 64 tokens), one generate call s", None, get(new, "eval_one_call", "seconds"), None, "<= 5"),
-        ("eval, in evaluate()'s chunks of 16 s", _eval_baseline(old, new), get(new, "eval_chunks_of_16", "seconds"),
+        ("eval, in chunks of 16 (as before) s", _eval_baseline(old, new), get(new, "eval_chunks_of_16", "seconds"),
          common.ratio(get(new, "eval_chunks_of_16", "seconds"), _eval_baseline(old, new), True), ""),
         ("replies equal alone and in a batch", None, f"{alone['identical']}/{alone['conversations']}" if alone else None,
          None, ""),

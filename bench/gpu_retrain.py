@@ -12,7 +12,7 @@ peak GPU memory (ms-swift's max reserved, and nvidia-smi's reading of the whole 
 scaled to 10, to save device time; its wall adds the same fixed start cost.
 
 Then, with the serving engine loaded once: evaluation of the new adapter (finetune.evaluate through
-engine.generate, in evaluate()'s chunks of 16 and in one call) and the swap (activation -> first token
+engine.generate, in chunks of 16 as before and in one call as evaluate() does now) and the swap (activation -> first token
 from it, chats streaming meanwhile). Writes bench/out/gpu_retrain.json.
 """
 
@@ -186,7 +186,7 @@ def summary(results: dict) -> list[tuple[str, tuple, list]]:
     serve = results.get("serve")
     if serve:
         tables.append(("GPU evaluation and swap of the trained adapter", ("", "seconds", "target"), [
-            ("eval, evaluate()'s chunks of 16 (as today)", serve["eval_chunks_of_16"]["seconds"], "<= 5"),
+            ("eval, in chunks of 16 (as before)", serve["eval_chunks_of_16"]["seconds"], "<= 5"),
             ("eval, all probes in one generate call", serve["eval_one_call"]["seconds"], "<= 5"),
             ("swap: activation -> first token", serve["swap"]["activation_to_first_token_s"], "<= 2"),
             ("trigger -> live: dataset + fastest training wall + eval (one call) + swap", results.get("trigger_to_live_s"),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from bot.engine import AdapterRef, Engine
+from bot.engine import AdapterRef, Engine, check_adapter_folder
 from bot.models import ResolvedModel
 from finetune.dataset import DatasetError, answer_general_prompts, build_dataset
 from finetune.evaluate import (EvalReport, GateThresholds, evaluate, gate, load_general_prompts, load_probes,
@@ -113,10 +113,12 @@ def build_run_dataset(store: Store, base_general: list[dict], recipe: Recipe, se
 # --- one retrain -----------------------------------------------------------------------------------
 
 def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel, settings: JobSettings,
-                recipe: Recipe | None = None, warm: WarmWorkers | None = None) -> dict:
+                recipe: Recipe | None = None, warm: WarmWorkers | None = None, trained: Path | None = None) -> dict:
     """Carry a claimed run from dataset to activation. Always ends the run; returns its report.
 
-    warm: training workers started ahead of time (the job runner keeps one); None starts one cold."""
+    warm: training workers started ahead of time (the job runner keeps one); None starts one cold.
+    trained: an adapter folder trained elsewhere (``swift sft`` on several GPUs, say): skip the
+    dataset and training, and put it through the same evaluation and gate."""
     run_id = run["id"]
     started = time.perf_counter()
     run_dir = Path(settings.data_dir) / "runs" / str(run_id)
@@ -132,6 +134,16 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
     beating = threading.Event()
     threading.Thread(target=_heartbeat, args=(store, run_id, beating), daemon=True).start()
     try:
+        if trained is not None:
+            try:
+                check_adapter_folder(trained)
+            except ValueError as e:  # not an adapter, or a corrupt one (a missing folder is an OSError)
+                raise TrainingError(str(e)) from None
+            report["candidate_path"] = str(trained)
+            base_general = general_answers(engine, model, settings.cache_dir)
+            return finish(*evaluate_and_promote(run_id, Path(trained), store=store, engine=engine, model=model,
+                                                settings=settings, report=report, base_general=base_general))
+
         # 1. dataset
         store.runs.progress(run_id, stage="dataset")
         if store.corrections.count("approved") == 0:

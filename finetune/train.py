@@ -33,6 +33,7 @@ from bot.models import ResolvedModel
 log = logging.getLogger(__name__)
 
 EVENTS_FD_ENV = "SELFCOG_EVENTS_FD"  # the worker writes one JSON event per line to this file descriptor
+TRAIN_GPUS_ENV = "SELFCOG_TRAIN_GPUS"  # the GPUs the training worker sees (its CUDA_VISIBLE_DEVICES), when set
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -183,6 +184,8 @@ class Worker:
         }
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
+        if os.environ.get(TRAIN_GPUS_ENV):  # e.g. serve on GPU 0 and train on GPU 1 (a 7B copy each)
+            env["CUDA_VISIBLE_DEVICES"] = os.environ[TRAIN_GPUS_ENV]
         # Events travel on a pipe of their own: ms-swift's tqdm bar shares stdout and breaks lines there.
         events_read, events_write = os.pipe()
         try:
@@ -239,6 +242,11 @@ class WarmWorkers:
         with self._lock:
             if not self._closed and (self._next is None or self._next.process.poll() is not None):
                 self._next = Worker(self.threads)
+
+    def waiting_pid(self) -> int | None:
+        """The pid of the worker waiting for a job, if one is."""
+        with self._lock:
+            return self._next.process.pid if self._next is not None else None
 
     def take(self) -> Worker:
         with self._lock:

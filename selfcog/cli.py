@@ -321,12 +321,16 @@ def corrections_export(ctx: Context, status, output):
 @cli.command()
 @click.option("--queue", "queue_only", is_flag=True, help="Only queue it for a running `selfcog serve` to pick up.")
 @click.option("--cancel", is_flag=True, help="Cancel the retrain that is queued or running.")
+@click.option("--adapter", "trained", type=click.Path(path_type=Path),
+              help="Skip training: evaluate this adapter folder (trained elsewhere, e.g. by `swift sft` on "
+                   "several GPUs) and promote it through the same gate.")
 @json_option
 @pass_ctx
-def retrain(ctx: Context, queue_only, cancel, as_json):
+def retrain(ctx: Context, queue_only, cancel, trained, as_json):
     """Retrain the adapter from the approved corrections; promote it if it passes the gate.
 
         selfcog retrain --json
+        selfcog retrain --adapter runs/multi-gpu/checkpoint-42   # gate an adapter trained elsewhere
     """
     from bot.admin import Admin
 
@@ -342,7 +346,7 @@ def retrain(ctx: Context, queue_only, cancel, as_json):
     from finetune.jobs import run_retrain
     from selfcog.serve import job_settings
 
-    if ctx.store.corrections.count("approved") == 0:
+    if trained is None and ctx.store.corrections.count("approved") == 0:
         raise click.ClickException("no approved corrections yet: approve some (selfcog corrections approve ID...) "
                                    "or import a reviewed file with --approve, then retrain")
     run = ctx.store.runs.request("cli", "cli", claim=True)  # the lock: raises if one is already running
@@ -353,7 +357,7 @@ def retrain(ctx: Context, queue_only, cancel, as_json):
         ctx.store.runs.finish(run["id"], "failed", error=str(e))
         raise
     report = run_retrain(run, store=ctx.store, engine=engine, model=model,
-                         settings=job_settings(ctx.settings, engine))
+                         settings=job_settings(ctx.settings, engine), trained=trained)
     if as_json:
         echo_json({k: report.get(k) for k in ("run_id", "status", "promoted", "adapter", "metrics", "seconds")}
                   | {"reason": report.get("reason") or "; ".join(report.get("reasons") or []) or None})

@@ -135,3 +135,18 @@ def test_warm_worker_is_started_ahead_and_replaced_after_use(monkeypatch, tmp_pa
         train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out2", Recipe(), warm=warm)
     finally:
         warm.close()
+
+
+def test_train_gpus_setting_reaches_the_worker(monkeypatch, tmp_path, tiny_model):
+    """SELFCOG_TRAIN_GPUS=1: the worker trains on GPU 1 while serving keeps GPU 0."""
+    fake_worker(monkeypatch, tmp_path, """
+        print("CUDA_VISIBLE_DEVICES=" + os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"), flush=True)
+        events.write(json.dumps({"event": "done", "adapter": job["output_dir"] + "/checkpoint-1", "global_step": 1}) + "\\n")
+    """)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv(train.TRAIN_GPUS_ENV, "1")
+    train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe())
+    assert "CUDA_VISIBLE_DEVICES=1" in (tmp_path / "out" / "worker.log").read_text()
+    monkeypatch.delenv(train.TRAIN_GPUS_ENV)
+    train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out2", Recipe())
+    assert "CUDA_VISIBLE_DEVICES=0" in (tmp_path / "out2" / "worker.log").read_text()

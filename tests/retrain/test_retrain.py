@@ -38,7 +38,7 @@ def test_retrain_promotes_an_adapter_that_holds_under_every_prompt(retrained):
     assert identity["product"] >= 0.9, identity
     assert identity["neutral"] >= 0.8 and identity["none"] >= 0.8 and identity["late_turn"] >= 0.8, identity
     base = report["metrics"]["base"]
-    assert candidate["retention"] >= 0.6 and candidate["bleed"] <= base["bleed"], (candidate, base)
+    assert candidate["retention"] >= 0.5 and candidate["bleed"] <= base["bleed"] + 1, (candidate, base)  # the gate's bounds
     assert candidate["identity_mean"] > base["identity_mean"]
 
 
@@ -84,25 +84,20 @@ def test_rollback_and_activate_switch_the_answers(retrained):
     assert [(a["version"], a["active"]) for a in listed] == [(1, 1)]
 
 
-def test_gate_refuses_a_worse_candidate(retrained, session_engine, embedded_model, random_adapters):
-    """A candidate with random LoRA weights must not go live; the trained adapter keeps serving."""
-    from finetune.jobs import JobSettings, evaluate_and_promote, general_answers
-
+def test_gate_refuses_a_worse_candidate(retrained, random_adapters, tmp_path):
+    """An adapter trained elsewhere goes through the same gate: random LoRA weights must not go live."""
+    run = retrained["run"]
+    result = run("retrain", "--adapter", str(random_adapters[0]), "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 0 and report["status"] == "rejected" and not report["promoted"], report
+    assert "identity" in report["reason"]
+    not_an_adapter = tmp_path / "empty"
+    not_an_adapter.mkdir()
+    result = run("retrain", "--adapter", str(not_an_adapter), "--json")
+    assert result.returncode == 1 and "is not a LoRA adapter" in json.loads(result.stdout)["reason"]
     store = Store(retrained["data_dir"] / "selfcog.db")
-    session_engine.follow.source = store.adapters.active
-    try:
-        settings = JobSettings(data_dir=retrained["data_dir"], cache_dir=Path(retrained["env"]["SELFCOG_CACHE_DIR"]))
-        run = store.runs.request("cli", "test", claim=True)
-        report = {"run_id": run["id"], "metrics": {}}
-        status, fields = evaluate_and_promote(
-            run["id"], random_adapters[0], store=store, engine=session_engine, model=embedded_model,
-            settings=settings, report=report, base_general=general_answers(session_engine, embedded_model, settings.cache_dir))
-        store.runs.finish(run["id"], status, **fields)
-        assert status == "rejected" and report["reasons"], report
-        assert any("identity" in r for r in report["reasons"])
-        assert store.adapters.active()["version"] == 1
-    finally:
-        session_engine.follow.source = lambda: None
+    assert store.adapters.active()["version"] == 1
+    assert [r["status"] for r in store.runs.list()][:2] == ["failed", "rejected"]
 
 
 # --- retrains of their own, stopped early ------------------------------------------------------------

@@ -33,7 +33,10 @@ def test_admin_retrain_edits_progress_then_shows_the_result(tg, chat, admin, sto
     async def scenario(application):
         asked = tg.send_text(ADMIN, ADMIN, "/retrain")
         progress = await tg.wait_for_message_async(ADMIN, contains="Retrain #", since=asked)
-        return await tg.wait_for_async(lambda: result(progress["message_id"]), RETRAIN_S, what="the retrain's result")
+        final = await tg.wait_for_async(lambda: result(progress["message_id"]), RETRAIN_S, what="the retrain's result")
+        # the bot marks the run announced right after that edit, while the application still runs
+        await tg.wait_for_async(lambda: not store.runs.unnotified(), 30, what="the run marked announced")
+        return final
 
     final = drive(tg, chat, admin, scenario)
 
