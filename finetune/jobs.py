@@ -278,6 +278,7 @@ class JobRunner:
                     if run is not None:
                         run_retrain(run, store=self.store, engine=self.engine, model=self.model,
                                     settings=self.settings, recipe=self.recipe, warm=warm)
+                        warm.prepare()  # only now: a worker starting during training slows it
                         continue
                 except Exception:
                     log.exception("retrain runner: unexpected error (it keeps running)")

@@ -223,8 +223,9 @@ class WarmWorkers:
     """Keeps one worker started ahead of time, so a retrain doesn't wait for Python, torch and
     ms-swift to import (most of ms-swift's 20-35 s from start to first step on a CPU).
 
-        >>> warm = WarmWorkers()          # `selfcog serve` holds one of these
-        >>> train_adapter(..., warm=warm)  # takes the waiting worker, starts the next in the background
+        >>> warm = WarmWorkers(prestart=True)  # `selfcog serve`'s job runner holds one of these
+        >>> train_adapter(..., warm=warm)       # takes the waiting worker
+        >>> warm.prepare()                      # after the retrain: start the next one
 
     Each worker trains one job and exits, so no state leaks from one retrain into the next. A worker
     waiting for a job exits when this process dies (its stdin closes)."""
@@ -249,18 +250,13 @@ class WarmWorkers:
             return self._next.process.pid if self._next is not None else None
 
     def take(self) -> Worker:
+        """The waiting worker (or a cold one). The next is not started here: call prepare() once the
+        retrain is over, since a worker importing beside the training takes CPU from it (2 cores:
+        training 347 s alone vs 412 s beside the next worker's start, bench/RESULTS.md)."""
         with self._lock:
             worker = self._next if self._next is not None and self._next.process.poll() is None else None
             self._next = None
-        worker = worker or Worker(self.threads)
-        threading.Timer(1.0, self._prepare_quietly).start()  # after the taken one has its head start
-        return worker
-
-    def _prepare_quietly(self) -> None:
-        try:
-            self.prepare()
-        except OSError as e:
-            log.warning("could not start the next warm training worker: %s", e)
+        return worker or Worker(self.threads)
 
     def close(self) -> None:
         with self._lock:

@@ -118,21 +118,22 @@ def test_cancel_kills_the_worker(monkeypatch, tmp_path, tiny_model):
     assert time.monotonic() - started < 10
 
 
-def test_warm_worker_is_started_ahead_and_replaced_after_use(monkeypatch, tmp_path, tiny_model):
+def test_warm_worker_is_started_ahead_and_the_next_only_when_asked(monkeypatch, tmp_path, tiny_model):
     fake_worker(monkeypatch, tmp_path, """
         events.write(json.dumps({"event": "done", "adapter": job["output_dir"], "global_step": 1}) + "\\n")
     """)
     warm = train.WarmWorkers(prestart=True)
-    first = warm._next
-    assert first is not None and first.process.poll() is None, "a worker is waiting before any job"
+    first = warm.waiting_pid()
+    assert first is not None, "a worker is waiting before any job"
     try:
         train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out1", Recipe(), warm=warm)
-        assert first.process.returncode == 0, "the waiting worker took the job"
-        deadline = time.monotonic() + 10
-        while (warm._next is None or warm._next is first) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert warm._next is not None and warm._next is not first, "the next one warms up in the background"
+        assert (tmp_path / "out1" / "worker.log").exists()
+        assert warm.waiting_pid() is None, "no second worker starts beside the training"
+        warm.prepare()
+        second = warm.waiting_pid()
+        assert second is not None and second != first, "the next one warms up when asked"
         train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out2", Recipe(), warm=warm)
+        assert warm.waiting_pid() is None
     finally:
         warm.close()
 
