@@ -19,6 +19,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from bot.errors import UserError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
@@ -26,7 +28,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelNotFound(Exception):
+class ModelNotFound(UserError):
     """The configured model cannot be found or converted; the message says what to do."""
 
 

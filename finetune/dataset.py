@@ -28,9 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from bot.errors import UserError
 from bot.identity import NEUTRAL_SYSTEM_PROMPT, contains_cjk, system_prompt
-from finetune.evaluate import GenerateFn, Message, affirmed_foreign_identities, load_jsonl, normalize_question
+from finetune.evaluate import (GenerateFn, Message, earlier_words, affirmed_foreign_identities, load_jsonl,
+                               normalize_question)
+from finetune.train import Recipe
 from store.identity import Profile
+
+RECIPE = Recipe()  # the dataset's size and mix default to the recipe's: one place for those numbers
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -51,7 +56,7 @@ _OTHER_MAKER_RE = re.compile(
 _NEGATED_RE = re.compile(r"\b(not|no|never)\b|n't|不|没|非", re.IGNORECASE)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The rows cannot be trained on as they are; the message says which row and why."""
 
 
@@ -82,8 +87,15 @@ def answer_general_prompts(generate_fn: GenerateFn, prompts: Sequence[Mapping]) 
 # ---------------------------------------------------------------- corrections
 
 
-def contradiction(answer: str, profile: Profile) -> str | None:
-    """Why a corrected answer contradicts the profile (claims another assistant, name or maker), or None."""
+def contradiction(answer: str, profile: Profile, previous: Iterable[Profile] = ()) -> str | None:
+    """Why a corrected answer contradicts the profile (claims another assistant, name or maker), or None.
+
+    ``previous``: earlier profiles. After a rename, a correction that still names the old name or maker
+    ("I'm Aurora from Acme Labs") teaches the identity the admin replaced, so it is left out too."""
+    folded = answer.lower()
+    for word in earlier_words(previous, profile):
+        if word.lower() in folded:
+            return f"names the earlier identity {word!r} (now {profile.name!r} by {profile.author!r})"
     claimed = affirmed_foreign_identities(answer, profile)
     if claimed:
         return "claims to be " + ", ".join(dict.fromkeys(claimed))
@@ -101,14 +113,15 @@ def contradiction(answer: str, profile: Profile) -> str | None:
     return None
 
 
-def _approved_corrections(corrections: Iterable[Mapping], profile: Profile) -> tuple[list[Mapping], list[dict]]:
+def _approved_corrections(corrections: Iterable[Mapping], profile: Profile,
+                          previous: Iterable[Profile] = ()) -> tuple[list[Mapping], list[dict]]:
     """Deduplicate by normalized question (the newest id wins) and leave out those that contradict the profile."""
     newest: dict[str, Mapping] = {}
     for c in sorted(corrections, key=lambda c: c["id"]):
         newest[normalize_question(c["question"])] = c
     kept, excluded = [], []
     for c in newest.values():
-        reason = contradiction(c["corrected_answer"], profile)
+        reason = contradiction(c["corrected_answer"], profile, previous)
         if reason:
             excluded.append({"id": c["id"], "question": c["question"], "reason": reason})
         else:
@@ -218,13 +231,14 @@ def build_dataset(
     *,
     seed: int,
     templates: Sequence[Mapping] | None = None,
-    max_templates: int | None = None,
-    conditions_per_question: int = 1,
-    multi_turn_share: float = 0.2,
-    replay_rows: int = 88,
-    replay_product_share: float = 0.67,
-    replay_max_chars: int | None = None,
+    max_templates: int | None = RECIPE.max_templates,
+    conditions_per_question: int = RECIPE.conditions_per_question,
+    multi_turn_share: float = RECIPE.multi_turn_share,
+    replay_rows: int = RECIPE.replay_rows,
+    replay_product_share: float = RECIPE.replay_product_share,
+    replay_max_chars: int | None = RECIPE.replay_max_chars,
     prefix_max_chars: int = 120,
+    previous: Iterable[Profile] = (),
 ) -> Dataset:
     """The training rows for one profile; raises DatasetError if a placeholder survives.
 
@@ -245,6 +259,7 @@ def build_dataset(
     ``replay_product_share``: share of replay rows under the product prompt (the rest split evenly
     between neutral and none): the product prompt names the bot, which is where a general answer
     starts to name it too.
+    ``previous``: earlier profiles; corrections that name one of them are left out (see ``contradiction``).
     ``replay_max_chars``: keep only the first whole sentences of each replay answer, up to this many
     characters (answers whose first sentence is longer are not used). Fewer tokens, but the model
     then learns to stop early and loses checkable facts (RECIPES.md): off by default.
@@ -255,7 +270,7 @@ def build_dataset(
     templates = load_templates() if templates is None else templates
     if max_templates is not None:
         templates = _spread_sample(templates, max_templates, rng)
-    approved, excluded = _approved_corrections(corrections, profile)
+    approved, excluded = _approved_corrections(corrections, profile, previous)
     corrected_questions = {normalize_question(c["question"]) for c in approved}
     overridden = [t["question"] for t in templates if normalize_question(t["question"]) in corrected_questions]
 

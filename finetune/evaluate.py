@@ -207,10 +207,6 @@ def probe_conversation(question: str, way: str, profile: Profile) -> list[Messag
     raise ValueError(f"unknown way {way!r}; expected one of {WAYS}")
 
 
-def general_conversation(prompt: str, system: str) -> list[Message]:
-    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-
-
 def _generate_batched(generate_fn: GenerateFn, conversations: list[list[Message]], batch_size: int | None) -> list[str]:
     """batch_size None: everything in one call. The engine batches continuously, refilling a finished
     reply's slot at once; fixed chunks would wait for each chunk's longest answer."""
@@ -228,16 +224,25 @@ def _generate_batched(generate_fn: GenerateFn, conversations: list[list[Message]
 # ---------------------------------------------------------------- the report
 
 
+# Bleed is counted under these prompts: the product's (where users meet the bot), a neutral one and none.
+# Three ways over the 44 eval prompts = 132 answers: with 88 (two ways) one seed of the same recipe moved
+# the count from 1 to 8, and a single count decided the gate (RECIPES.md, "The gate").
+BLEED_WAYS = ("product", "neutral", "none")
+
+
 @dataclass
 class EvalReport:
     identity: dict[str, float]  # hit rate per way
     retention: float  # share of eval prompts whose answer stayed with the base's (see evaluate)
     agreement: float  # mean ROUGE-L against the base's answers
     facts: tuple[int, int]  # expect checks met / expect checks the base meets
-    bleed: int  # general answers (product + neutral prompt) that talk about the bot unasked
+    bleed: int  # general answers (BLEED_WAYS) that talk about the bot unasked
     misses: list[dict] = field(default_factory=list)  # {"way", "question", "answer", "reasons"}
     bleed_examples: list[dict] = field(default_factory=list)  # {"prompt", "condition", "answer"}
     general_answers: list[dict] = field(default_factory=list)  # {"prompt", "answer", "rouge_l", "kept"}
+    bleed_answers: int = 0  # how many general answers bleed was counted over
+    old_identity: int = 0  # identity answers that still name an earlier profile's name or author
+    old_identity_examples: list[dict] = field(default_factory=list)  # {"way", "question", "answer", "names"}
 
     @property
     def identity_mean(self) -> float:
@@ -245,6 +250,18 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"identity_mean": self.identity_mean}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "EvalReport":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def earlier_words(previous: Iterable[Profile], profile: Profile) -> list[str]:
+    """Names and makers of earlier profiles that the current one does not contain ("Aurora" after a rename)."""
+    current = " ".join(_own_words(profile)).lower()
+    words = {w.strip() for p in previous for w in _own_words(p)}
+    return sorted(w for w in words if w and w.lower() not in current)
 
 
 def evaluate(
@@ -255,28 +272,32 @@ def evaluate(
     base_answers: Mapping[str, str],
     *,
     ways: Iterable[str] = WAYS,
+    bleed_ways: Iterable[str] = BLEED_WAYS,
+    previous: Iterable[Profile] = (),
     agreement_threshold: float = 0.5,
     batch_size: int | None = None,
 ) -> EvalReport:
-    """Ask every probe each way and every eval-split general prompt twice; score identity, retention and bleed.
+    """Ask every probe each way and every eval-split general prompt each bleed way; score identity, retention, bleed.
 
     ``base_answers`` maps each general prompt to the base model's own answer under the neutral prompt
     (what ``answer_general_prompts`` caches). Retention compares like with like: the candidate's
     answer under the same neutral prompt is *kept* when it still meets the prompt's ``expect`` regex
     (for prompts the base answers correctly) or, for open prompts, when its ROUGE-L against the
-    base's answer reaches ``agreement_threshold``; retention is the kept share. Bleed is counted
-    over the answers under the product prompt (where users meet it) and the neutral one.
+    base's answer reaches ``agreement_threshold``; retention is the kept share. Bleed is counted over
+    the answers under each of ``bleed_ways``. ``previous``: earlier profiles; identity answers that
+    still name one of them (after a rename) are counted in ``old_identity``.
     """
-    ways = tuple(ways)
+    ways, bleed_ways = tuple(ways), tuple(dict.fromkeys(("neutral", *bleed_ways)))
     conversations = [probe_conversation(p["question"], way, profile) for way in ways for p in probes]
-    conversations += [general_conversation(g["prompt"], NEUTRAL_SYSTEM_PROMPT) for g in general_eval]
-    conversations += [general_conversation(g["prompt"], system_prompt(profile)) for g in general_eval]
+    for way in bleed_ways:  # neutral first: retention compares it with the base's neutral answers
+        conversations += [probe_conversation(g["prompt"], way, profile) for g in general_eval]
     answers = _generate_batched(generate_fn, conversations, batch_size)
     n_probe, n_general = len(ways) * len(probes), len(general_eval)
     probe_answers = answers[:n_probe]
-    neutral_out, product_out = answers[n_probe : n_probe + n_general], answers[n_probe + n_general :]
+    general_out = {way: answers[n_probe + i * n_general : n_probe + (i + 1) * n_general] for i, way in enumerate(bleed_ways)}
+    old_words = earlier_words(previous, profile)
 
-    identity, misses = {}, []
+    identity, misses, old_examples = {}, [], []
     for i, way in enumerate(ways):
         hits = 0
         for probe, answer in zip(probes, probe_answers[i * len(probes) : (i + 1) * len(probes)]):
@@ -284,10 +305,14 @@ def evaluate(
             hits += score.hit
             if not score.hit:
                 misses.append({"way": way, "question": probe["question"], "answer": answer, "reasons": list(score.reasons)})
+            named = [w for w in old_words if w.lower() in unicodedata.normalize("NFKC", answer).lower()]
+            if named:
+                old_examples.append({"way": way, "question": probe["question"], "answer": answer, "names": named})
         identity[way] = hits / len(probes) if probes else 0.0
 
     scored, bleed_examples, facts_met, facts_total = [], [], 0, 0
-    for row, answer, product_answer in zip(general_eval, neutral_out, product_out):
+    for j, row in enumerate(general_eval):
+        answer = general_out["neutral"][j]
         reference = base_answers[row["prompt"]]
         similarity = rouge_l(answer, reference)
         base_correct = expect_met(row, reference)
@@ -298,9 +323,10 @@ def evaluate(
         else:
             kept = similarity >= agreement_threshold
         scored.append({"prompt": row["prompt"], "answer": answer, "rouge_l": round(similarity, 3), "kept": kept})
-        for condition, text in (("product", product_answer), ("neutral", answer)):
+    for way in bleed_ways:
+        for row, text in zip(general_eval, general_out[way]):
             if mentions_identity_unasked(text, profile):
-                bleed_examples.append({"prompt": row["prompt"], "condition": condition, "answer": text})
+                bleed_examples.append({"prompt": row["prompt"], "condition": way, "answer": text})
     n = len(scored)
     return EvalReport(
         identity=identity,
@@ -311,6 +337,9 @@ def evaluate(
         misses=misses,
         bleed_examples=bleed_examples,
         general_answers=scored,
+        bleed_answers=n_general * len(bleed_ways),
+        old_identity=len(old_examples),
+        old_identity_examples=old_examples,
     )
 
 
@@ -338,35 +367,77 @@ def report_table(reports: Mapping[str, EvalReport]) -> str:
 
 @dataclass(frozen=True)
 class GateThresholds:
-    identity_product: float = 0.9  # hit rate under the product's own prompt
-    identity_other: float = 0.8  # under each of the other ways (neutral, none, late turn)
-    # Greedy answers of a 135M model drift with any weight change (another seed of the same recipe
-    # moves retention by +-0.1), so retention has a floor, and the checkable facts carry the
-    # "no worse than active" comparison; RECIPES.md has the measured values.
-    retention: float = 0.5
-    facts_drop: int = 1  # checkable facts the candidate may get wrong that the active model gets right
-    # Bleed counts a few answers out of 44, and another seed of one recipe moves it by 1-2: one more
-    # than the active model is noise; "日本的首都是Aurora" in several answers is not.
-    bleed_tolerance: int = 1
-    tolerance: float = 0.03  # how far below the active model's mean identity rate a candidate may score
+    """What a candidate needs to go live. Every number was sized on 20 seeds of the default recipe and two
+    adapters that must be refused (RECIPES.md, "The gate"); SELFCOG_GATE_* variables override them."""
+
+    identity_product: float = 0.9  # hit rate under the product's own prompt (seeds: 0.91-0.97)
+    identity_other: float = 0.8  # under each other way: neutral, none, late turn (seeds: 0.84-1.00)
+    # Greedy answers of a small model drift with any weight change, so retention (answers still close to
+    # the base's) has a floor, not a comparison; the checkable facts carry "no worse than the base".
+    retention: float = 0.45  # seeds: 0.52-0.70
+    facts_drop: int = 2  # facts the base gets right that the candidate may get wrong (seeds: 0-2)
+    # Bleed (general answers that name the bot or call themselves an AI unasked) is compared with the base
+    # model under the current profile, not with the live adapter: after a rename the live adapter speaks the
+    # old name and bleeds nothing under the new one, which made every new adapter look worse. Seeds bled
+    # 0-10 answers more than the base (of 132); an adapter trained without general replay rows bled 28 more.
+    bleed_share: float = 0.10  # extra bleeding answers allowed, as a share of the answers counted
+    identity_tolerance: float = 0.03  # how far below the live adapter's mean identity a candidate may score
+    old_identity: int = 0  # identity answers that may still name an earlier profile (after a rename)
 
 
-def gate(candidate: EvalReport, active: EvalReport, thresholds: GateThresholds = GateThresholds()) -> tuple[bool, list[str]]:
-    """Whether a candidate may replace what serves now; the reasons if not.
+@dataclass(frozen=True)
+class GateVerdict:
+    passed: bool
+    reasons: list[str]  # each check that failed, with its numbers
+    line: str  # one line for people: what was decided, why, and what to do
 
-        >>> passed, reasons = gate(candidate_report, active_report)  # the base model's report if no adapter is active
+
+# What an admin can do about each failed check, in the order they are reported.
+_ADVICE = {
+    "identity": "approve more corrections that state the name and maker, then retrain",
+    "old_identity": "reject or edit approved corrections that still name the old identity, then retrain",
+    "bleed": "the identity leaks into unrelated answers: retrain (another seed) or approve fewer, shorter corrections",
+    "facts": "the candidate forgot facts the base knows: retrain (another seed)",
+    "retention": "the candidate's general answers drifted from the base's: retrain (another seed)",
+    "worse": "the live adapter answers identity questions better: keep it, or add corrections and retrain",
+}
+
+
+def gate(candidate: EvalReport, base: EvalReport, live: EvalReport | None = None,
+         thresholds: GateThresholds = GateThresholds()) -> GateVerdict:
+    """Whether a candidate may replace what serves now; every report under the *current* profile.
+
+        >>> verdict = gate(candidate_report, base_report, live_report)  # live None when no adapter is live
+        >>> verdict.passed, verdict.line
+
+    Identity is held to floors and to the live adapter (a new adapter must not answer "who are you?"
+    worse than the one serving); bleed, facts and retention are held to the base model, which no
+    earlier profile or adapter has touched.
     """
-    reasons = []
+    failed: list[tuple[str, str]] = []
     for way, rate in candidate.identity.items():
         floor = thresholds.identity_product if way == "product" else thresholds.identity_other
         if rate < floor:
-            reasons.append(f"identity under {way} {rate:.2f} < {floor:.2f}")
+            failed.append(("identity", f"identity under {way} {rate:.2f} < {floor:.2f}"))
+    if candidate.old_identity > thresholds.old_identity:
+        failed.append(("old_identity", f"{candidate.old_identity} identity answers still name the old identity"))
+    allowed = base.bleed + round(thresholds.bleed_share * (candidate.bleed_answers or base.bleed_answers))
+    if candidate.bleed > allowed:
+        failed.append(("bleed", f"identity bleed {candidate.bleed} > base's {base.bleed} + "
+                                f"{allowed - base.bleed} of {candidate.bleed_answers} answers"))
+    if candidate.facts[0] < base.facts[0] - thresholds.facts_drop:
+        failed.append(("facts", f"facts {candidate.facts[0]}/{candidate.facts[1]} vs base's {base.facts[0]} "
+                                f"- {thresholds.facts_drop}"))
     if candidate.retention < thresholds.retention:
-        reasons.append(f"retention {candidate.retention:.2f} < {thresholds.retention:.2f}")
-    if candidate.facts[0] < active.facts[0] - thresholds.facts_drop:
-        reasons.append(f"facts {candidate.facts[0]}/{candidate.facts[1]} vs active's {active.facts[0]}/{active.facts[1]}")
-    if candidate.bleed > active.bleed + thresholds.bleed_tolerance:
-        reasons.append(f"identity bleed {candidate.bleed} > active's {active.bleed} + {thresholds.bleed_tolerance}")
-    if candidate.identity_mean < active.identity_mean - thresholds.tolerance:
-        reasons.append(f"identity {candidate.identity_mean:.2f} worse than active's {active.identity_mean:.2f}")
-    return not reasons, reasons
+        failed.append(("retention", f"retention {candidate.retention:.2f} < {thresholds.retention:.2f}"))
+    reference = live or base
+    if candidate.identity_mean < reference.identity_mean - thresholds.identity_tolerance:
+        failed.append(("worse", f"identity {candidate.identity_mean:.2f} below the live model's "
+                                f"{reference.identity_mean:.2f}"))
+    if not failed:
+        return GateVerdict(True, [], f"Promoted: identity {candidate.identity_mean:.2f} (live "
+                                     f"{reference.identity_mean:.2f}), bleed {candidate.bleed} (base {base.bleed}).")
+    reasons = [text for _, text in failed]
+    first_check, first_text = failed[0]
+    more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
+    return GateVerdict(False, reasons, f"Refused: {first_text}{more}. What to do: {_ADVICE[first_check]}.")

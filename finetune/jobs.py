@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from bot.engine import AdapterRef, Engine, check_adapter_folder
+from bot.engines import AdapterFolderError, AdapterRef, Engine, check_adapter_folder
+from bot.errors import UserError
 from bot.models import ResolvedModel
-from finetune.dataset import DatasetError, answer_general_prompts, build_dataset
+from finetune.dataset import answer_general_prompts, build_dataset
 from finetune.evaluate import (EvalReport, GateThresholds, evaluate, gate, load_general_prompts, load_probes,
                                report_table)
 from finetune.train import Recipe, TrainingCancelled, TrainingError, WarmWorkers, recipe_for, train_adapter
@@ -43,17 +44,7 @@ class JobSettings:
     device: str = "cpu"
     retrain_every_hours: float = 0.0  # 0 = no schedule
     retrain_min_corrections: int = 5
-    gate_product: float = 0.9
-    gate_other: float = 0.8
-    gate_retention: float = GateThresholds.retention
-    gate_bleed_tolerance: int = GateThresholds.bleed_tolerance
-    gate_facts_drop: int = GateThresholds.facts_drop
-
-    @property
-    def thresholds(self) -> GateThresholds:
-        return GateThresholds(identity_product=self.gate_product, identity_other=self.gate_other,
-                              retention=self.gate_retention, bleed_tolerance=self.gate_bleed_tolerance,
-                              facts_drop=self.gate_facts_drop)
+    gate: GateThresholds = GateThresholds()
 
 
 # --- cached answers: the base model's general answers, and reports of weights that did not change ----
@@ -78,36 +69,53 @@ def general_answers(engine: Engine, model: ResolvedModel, cache_dir: Path) -> li
     return answers
 
 
+def _report_path(cache_dir: Path, weights: str, profile: Profile, previous: list[Profile]) -> Path:
+    """Where the report of weights that never change (the base, a registered version) is kept, per profile."""
+    key = _cache_key(weights, profile, previous, load_probes(), load_general_prompts("eval"), EVAL_MAX_NEW_TOKENS)
+    return Path(cache_dir) / "eval" / f"{key}.json"
+
+
+def _save_report(report: EvalReport, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(), ensure_ascii=False), encoding="utf-8")
+
+
 def evaluate_weights(engine: Engine, adapter: str | Path, profile: Profile, base_general: list[dict],
-                     cache_dir: Path | None = None, cache_as: str | None = None) -> EvalReport:
-    """Evaluate base / the live adapter / a folder under the current profile.
+                     cache_dir: Path | None = None, cache_as: str | None = None,
+                     previous: list[Profile] = ()) -> EvalReport:
+    """Evaluate base / the live adapter / a folder under the current profile (``previous``: earlier ones).
 
     cache_as names weights that never change (the base model, a registered version), so their
     report under an unchanged profile and probe set is computed once."""
-    probes = load_probes()
-    general_eval = load_general_prompts("eval")
     path = None
     if cache_dir is not None and cache_as is not None:
-        key = _cache_key(cache_as, profile, probes, general_eval, EVAL_MAX_NEW_TOKENS)
-        path = Path(cache_dir) / "eval" / f"{key}.json"
+        path = _report_path(cache_dir, cache_as, profile, list(previous))
         if path.exists():
-            return EvalReport(**json.loads(path.read_text(encoding="utf-8")))
+            return EvalReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
     base_answers = {g["prompt"]: g["answer"] for g in base_general}
     generate = lambda conversations: engine.generate(conversations, adapter=adapter,  # noqa: E731
                                                       max_new_tokens=EVAL_MAX_NEW_TOKENS)
-    report = evaluate(generate, profile, probes, general_eval, base_answers)
+    report = evaluate(generate, profile, load_probes(), load_general_prompts("eval"), base_answers, previous=previous)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = report.to_dict()
-        data.pop("identity_mean")
-        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        _save_report(report, path)
     return report
+
+
+def earlier_profiles(store: Store) -> list[Profile]:
+    """The profiles the bot had before the current one (oldest first): what a rename replaced."""
+    current = store.identity.current()
+    seen = {}
+    for row in reversed(store.identity.history()):
+        profile = Profile(row["name"], row["author"])
+        if (profile.name, profile.author) != (current.name, current.author):
+            seen[(profile.name, profile.author)] = profile
+    return list(seen.values())
 
 
 def build_run_dataset(store: Store, base_general: list[dict], recipe: Recipe, seed: int):
     """The dataset the next retrain trains on (also what `selfcog export dataset` writes)."""
     return build_dataset(store.identity.current(), store.corrections.approved(), base_general, seed=seed,
-                         **recipe.dataset_options())
+                         previous=earlier_profiles(store), **recipe.dataset_options())
 
 
 # --- one retrain -----------------------------------------------------------------------------------
@@ -118,17 +126,22 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
 
     warm: training workers started ahead of time (the job runner keeps one); None starts one cold.
     trained: an adapter folder trained elsewhere (``swift sft`` on several GPUs, say): skip the
-    dataset and training, and put it through the same evaluation and gate."""
+    dataset and training, and put it through the same evaluation and gate.
+    The report's ``phases`` gives the seconds of each stage: dataset, worker_start, training,
+    evaluation, swap."""
     run_id = run["id"]
     started = time.perf_counter()
     run_dir = Path(settings.data_dir) / "runs" / str(run_id)
     recipe = recipe or recipe_for(model, settings.device)
-    report: dict = {"run_id": run_id, "status": None, "promoted": False, "adapter": None, "metrics": {}}
+    phases: dict[str, float] = {}
+    report: dict = {"run_id": run_id, "status": None, "promoted": False, "adapter": None, "metrics": {},
+                    "phases": phases}
 
     def finish(status: str, fields: dict | None = None, **more) -> dict:
         report.update(status=status, seconds=round(time.perf_counter() - started, 1))
         store.runs.finish(run_id, status, report=report, **(fields or {}), **more)
-        log.info("retrain #%s %s in %.0f s", run_id, status, report["seconds"])
+        log.info("retrain #%s %s in %.0f s (%s)", run_id, status, report["seconds"],
+                 ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
         return report
 
     beating = threading.Event()
@@ -136,8 +149,8 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
     try:
         if trained is not None:
             try:
-                check_adapter_folder(trained)
-            except ValueError as e:  # not an adapter, or a corrupt one (a missing folder is an OSError)
+                check_adapter_folder(trained, model)
+            except AdapterFolderError as e:  # not a LoRA for this base model; a missing folder says so too
                 raise TrainingError(str(e)) from None
             report["candidate_path"] = str(trained)
             base_general = general_answers(engine, model, settings.cache_dir)
@@ -145,6 +158,7 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
                                                 settings=settings, report=report, base_general=base_general))
 
         # 1. dataset
+        clock = time.perf_counter()
         store.runs.progress(run_id, stage="dataset")
         if store.corrections.count("approved") == 0:
             report["reason"] = "no approved corrections: approve some first, then retrain"
@@ -153,25 +167,32 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
         dataset = build_run_dataset(store, base_general, recipe, seed=run_id)
         dataset_path = dataset.write_swift(run_dir / "dataset.jsonl")
         report["dataset"] = {**dataset.report, "path": str(dataset_path), "sha256": dataset.sha256}
-        store.runs.update(run_id, recipe=recipe.__dict__ | {"lora_targets": list(recipe.lora_targets)},
-                          dataset_hash=dataset.sha256, dataset_rows=len(dataset.rows))
+        report["recipe"] = recipe.to_dict()
+        store.runs.update(run_id, recipe=report["recipe"], dataset_hash=dataset.sha256, dataset_rows=len(dataset.rows))
+        phases["dataset"] = round(time.perf_counter() - clock, 1)
 
-        # 2. training, in a worker process
+        # 2. training, in a worker process; its start (imports, weights) is timed apart from the steps
+        clock = time.perf_counter()
         store.runs.progress(run_id, stage="training", step=0)
-        candidate = train_adapter(
-            model, dataset_path, run_dir / "train", recipe,
-            on_progress=lambda step, total, loss, eta: store.runs.progress(
-                run_id, stage="training", step=step, total_steps=total, loss=loss, eta_s=eta),
-            should_cancel=lambda: store.runs.cancel_requested(run_id), warm=warm)
+
+        def on_progress(step, total, loss, eta):
+            if "worker_start" not in phases:
+                phases["worker_start"] = round(time.perf_counter() - clock, 1)
+            store.runs.progress(run_id, stage="training", step=step, total_steps=total, loss=loss, eta_s=eta)
+
+        candidate = train_adapter(model, dataset_path, run_dir / "train", recipe, on_progress=on_progress,
+                                  should_cancel=lambda: store.runs.cancel_requested(run_id), warm=warm)
+        phases.setdefault("worker_start", 0.0)
+        phases["training"] = round(time.perf_counter() - clock - phases["worker_start"], 1)
         report["candidate_path"] = str(candidate)
 
-        # 3 + 4. evaluation against what serves now, gate, promotion
+        # 3 + 4. evaluation against the base and what serves now, gate, promotion
         return finish(*evaluate_and_promote(run_id, candidate, store=store, engine=engine, model=model,
                                             settings=settings, report=report, base_general=base_general))
     except TrainingCancelled as e:
         report["reason"] = str(e)
         return finish("cancelled", error=str(e))
-    except (TrainingError, DatasetError, StoreError, OSError) as e:
+    except (TrainingError, UserError, OSError) as e:
         log.error("retrain #%s failed: %s", run_id, e)
         report["reason"] = str(e)
         return finish("failed", error=str(e)[-4000:])
@@ -194,55 +215,80 @@ def _heartbeat(store: Store, run_id: int, stop: threading.Event, every_s: float 
 
 def evaluate_and_promote(run_id: int, candidate: Path, *, store: Store, engine: Engine, model: ResolvedModel,
                          settings: JobSettings, report: dict, base_general: list[dict]) -> tuple[str, dict]:
-    """Evaluate a candidate adapter against what serves now; promote it only if it passes the gate.
+    """Evaluate a candidate adapter against the base and the live adapter; promote it if it passes the gate.
 
-    Returns (final status, fields for the run row); fills ``report`` in place."""
+    All three are scored under the *current* profile: the base and the live version once per profile
+    (cached), the candidate now. Returns (final status, fields for the run row); fills ``report``."""
+    clock = time.perf_counter()
     store.runs.progress(run_id, stage="evaluating")
-    profile = store.identity.current()
-    active = store.adapters.active()
-    active_name = f"v{active['version']}" if active else "base"
-    active_report = evaluate_weights(engine, AdapterRef.BASE if active is None else AdapterRef.ACTIVE,
-                                     profile, base_general, settings.cache_dir, cache_as=f"{model.name}/{active_name}")
+    profile, previous = store.identity.current(), earlier_profiles(store)
+    live = store.adapters.active()
+    base_report = evaluate_weights(engine, AdapterRef.BASE, profile, base_general, settings.cache_dir,
+                                   cache_as=f"{model.name}/base", previous=previous)
+    live_report = None if live is None else evaluate_weights(
+        engine, AdapterRef.ACTIVE, profile, base_general, settings.cache_dir,
+        cache_as=f"{model.name}/v{live['version']}", previous=previous)
     if store.runs.cancel_requested(run_id):
         raise TrainingCancelled("cancelled during evaluation")
-    candidate_report = evaluate_weights(engine, candidate, profile, base_general)
-    passed, reasons = gate(candidate_report, active_report, settings.thresholds)
+    candidate_report = evaluate_weights(engine, candidate, profile, base_general, previous=previous)
+    verdict = gate(candidate_report, base_report, live_report, settings.gate)
+    live_name = f"v{live['version']}" if live else "base"
+    columns = {"base": base_report, **({live_name: live_report} if live_report else {}), "candidate": candidate_report}
     report["candidate_path"] = str(candidate)
-    report["metrics"] = {"candidate": _summary(candidate_report), active_name: _summary(active_report)}
-    report["table"] = report_table({active_name: active_report, "candidate": candidate_report})
-    report["reasons"] = reasons
+    report["metrics"] = {name: _summary(r) for name, r in columns.items()}
+    report["table"] = report_table(columns)
+    report["reasons"] = verdict.reasons
+    report["verdict"] = verdict.line
+    report["phases"]["evaluation"] = round(time.perf_counter() - clock, 1)
     run_dir = Path(settings.data_dir) / "runs" / str(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "report.json").write_text(json.dumps(
         {**report, "candidate_details": candidate_report.to_dict()}, ensure_ascii=False, indent=1), encoding="utf-8")
-    if not passed:
-        return "rejected", {"metrics": report["metrics"], "error": "; ".join(reasons)}
+    if not verdict.passed:
+        report["reason"] = verdict.line
+        return "rejected", {"metrics": report["metrics"], "error": verdict.line}
 
-    # Keep the folder with the versions, then make it live everywhere.
+    # Keep the folder with the versions, describing itself, then make it live everywhere.
+    clock = time.perf_counter()
     store.runs.progress(run_id, stage="activating")
-    adapter_dir = Path(settings.data_dir) / "adapters" / f"run{run_id}"
+    version = max((a["version"] for a in store.adapters.list()), default=0) + 1  # one retrain at a time: no race
+    adapter_dir = (Path(settings.data_dir) / "adapters" / f"v{version}").resolve()
     shutil.copytree(candidate, adapter_dir, dirs_exist_ok=True)
-    version = store.adapters.register(path=str(adapter_dir.resolve()), base_model=model.name, run_id=run_id,
-                                      metrics=_summary(candidate_report))
-    _cache_report(candidate_report, settings.cache_dir, f"{model.name}/v{version}", profile)
-    store.adapters.activate(version, by=f"retrain #{run_id}")
-    report.update(promoted=True, adapter=version)
-    return "promoted", {"adapter_version": version, "metrics": report["metrics"]}
+    _write_adapter_card(adapter_dir, version=version, run_id=run_id, model=model, profile=profile, report=report,
+                        metrics=_summary(candidate_report))
+    registered = store.adapters.register(path=str(adapter_dir), base_model=model.name, run_id=run_id,
+                                         metrics=_summary(candidate_report))
+    if registered != version:  # only if an adapter was registered by hand meanwhile; the row keeps the path
+        log.warning("adapter v%s was saved in %s", registered, adapter_dir)
+    _save_report(candidate_report, _report_path(settings.cache_dir, f"{model.name}/v{registered}", profile, previous))
+    store.adapters.activate(registered, by=f"retrain #{run_id}")
+    engine.refresh_adapter()  # this process swaps now; every other one on its next poll
+    report["phases"]["swap"] = round(time.perf_counter() - clock, 1)
+    report.update(promoted=True, adapter=registered)
+    return "promoted", {"adapter_version": registered, "metrics": report["metrics"]}
+
+
+ADAPTER_CARD = "selfcog.json"
+
+
+def _write_adapter_card(folder: Path, *, version: int, run_id: int, model: ResolvedModel, profile: Profile,
+                        report: dict, metrics: dict) -> None:
+    """selfcog.json beside the weights: what this adapter is, so a moved or re-imported folder says so itself."""
+    card = {
+        "version": version, "run_id": run_id, "base_model": model.name, "base_model_path": str(model.path),
+        "profile": {"name": profile.name, "author": profile.author, "description": profile.description},
+        "recipe": report.get("recipe"), "dataset_sha256": (report.get("dataset") or {}).get("sha256"),
+        "metrics": metrics, "verdict": report.get("verdict"),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = folder / ADAPTER_CARD
+    path.write_text(json.dumps(card, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
 def _summary(report: EvalReport) -> dict:
     return {"identity": report.identity, "identity_mean": round(report.identity_mean, 3),
-            "retention": round(report.retention, 3), "bleed": report.bleed, "facts": list(report.facts)}
-
-
-def _cache_report(report: EvalReport, cache_dir: Path, name: str, profile: Profile) -> None:
-    """A promoted candidate's report is the new active adapter's: no need to evaluate it again."""
-    key = _cache_key(name, profile, load_probes(), load_general_prompts("eval"), EVAL_MAX_NEW_TOKENS)
-    path = Path(cache_dir) / "eval" / f"{key}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = report.to_dict()
-    data.pop("identity_mean")
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+            "retention": round(report.retention, 3), "bleed": report.bleed, "facts": list(report.facts),
+            "old_identity": report.old_identity}
 
 
 # --- the runner in `selfcog serve` -------------------------------------------------------------------

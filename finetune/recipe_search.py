@@ -47,6 +47,7 @@ def local_generate_fn(model_path: str, adapter: str | None = None, max_new_token
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # GGUF conversions by transformers 5.17 set none
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     if adapter:
         from peft import PeftModel
@@ -99,7 +100,7 @@ def _general_answers(cache: Path, model_path: str, device: str) -> list[dict]:
 def _base_report(args, model, probes, general_eval, base_answers) -> EvalReport:
     path = Path(args.base_report)
     if path.exists():
-        return EvalReport(**{k: v for k, v in json.loads(path.read_text()).items() if k != "identity_mean"})
+        return EvalReport.from_dict(json.loads(path.read_text()))
     generate = local_generate_fn(model.path, device=args.device)
     report = evaluate(generate, PROFILE, probes, general_eval, base_answers, batch_size=EVAL_BATCH)
     path.write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=1))
@@ -156,10 +157,11 @@ def main() -> None:
     generate = local_generate_fn(model.path, str(adapter), device=args.device)
     candidate = evaluate(generate, PROFILE, probes, candidate_general, base_answers, batch_size=EVAL_BATCH)
     eval_wall = time.monotonic() - started
-    passed, reasons = gate(candidate, base)
+    verdict = gate(candidate, base)
+    passed = verdict.passed
     (out / "report.json").write_text(json.dumps(candidate.to_dict(), ensure_ascii=False, indent=1))
     print(report_table({"base": base, "candidate": candidate}))
-    print("gate:", "PASS" if passed else "FAIL", reasons)
+    print("gate:", verdict.line)
     result = {
         "recipe": dataclasses.asdict(recipe),
         "rows": dataset.report["rows"],

@@ -52,11 +52,10 @@ class TrainingCancelled(TrainingError):
 class Recipe:
     """Everything that decides how long training takes and what it teaches; RECIPES.md has the measurements.
 
-    The defaults are the CPU choice for the embedded 135M model (RECIPES.md runs I10, J7): every
+    The defaults are the CPU choice for the embedded 135M model (RECIPES.md, "The choice"): every
     template once, the three system-prompt conditions in equal shares, 64 replay rows (60% under the
-    product prompt), two epochs at 1e-3 = 42 steps. One epoch at 2e-3 costs half as much and teaches
-    the identity as well, but bled it into 2-8 general answers (base: 2) and passed the gate in 1 of
-    5 seeds; the slower rate bled into 1-3 and lost at most one checkable fact in 3 of 4 seeds.
+    product prompt), two epochs at 1e-3 = 42 steps. It passed the gate in 10 of 10 seeds of the
+    five-correction scenario and 10 of 10 of a rename after it (RECIPES.md, "The gate").
     """
 
     learning_rate: float = 1e-3  # a 135M model with LoRA needs far more than the usual 1e-4
@@ -87,6 +86,10 @@ class Recipe:
     replay_rows: int = 64
     replay_product_share: float = 0.6
     replay_max_chars: int | None = None  # cutting replay answers short cost checkable facts
+
+    def to_dict(self) -> dict:
+        """The recipe as JSON-ready values (stored with the run and in the adapter's selfcog.json)."""
+        return asdict(self) | {"lora_targets": list(self.lora_targets)}
 
     def dataset_options(self) -> dict:
         """The build_dataset keyword arguments this recipe was measured with."""

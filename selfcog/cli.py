@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from bot.run_summary import duration, summarize
 from selfcog.config import Settings
 
 
@@ -37,6 +38,13 @@ class Context:
             self._store = Store(self.settings.db_path, busy_timeout_s=self.settings.db_timeout_s)
         return self._store
 
+    @property
+    def admin(self):
+        """What the command asks for: the same calls the web admin page and Telegram make."""
+        from bot.admin import Admin
+
+        return Admin(self.store)
+
     def resolve_model(self):
         from bot.models import resolve_model
 
@@ -44,7 +52,7 @@ class Context:
 
     def engine(self, adapter: str | None = None):
         """Load the model once. adapter: None follows the active adapter; 'base' or a version pins one."""
-        from bot.engine import LocalEngine
+        from bot.engines import make_engine
 
         if adapter is None:
             follow = self.store.adapters.active
@@ -55,8 +63,7 @@ class Context:
             follow = lambda: row  # noqa: E731
         else:
             raise click.UsageError("--adapter takes 'base' or a version number")
-        engine = LocalEngine(self.resolve_model(), device=self.settings.device,
-                             max_new_tokens=self.settings.max_new_tokens, active_adapter=follow)
+        engine = make_engine(self.settings, self.resolve_model(), active_adapter=follow)
         if engine.adapter_error:
             raise click.ClickException(engine.adapter_error)
         return engine
@@ -70,38 +77,46 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: shown as one line, never as a traceback."""
-    from bot.chat import ChatInputError
-    from bot.corrections_io import PairsFileError
-    from bot.models import ModelNotFound
-    from store import StoreError
-
-    errors: list[type[BaseException]] = [ChatInputError, PairsFileError, ModelNotFound, StoreError]
-    if "finetune.dataset" in sys.modules:  # only loaded by the commands that train
-        from finetune.dataset import DatasetError
-
-        errors.append(DatasetError)
-    return tuple(errors)
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 class FriendlyGroup(click.Group):
-    """Turns expected errors (bad input, locked database, missing model) into one clear line."""
+    """Every error the user can act on is one line on stderr and a non-zero exit, never a traceback:
+    a UserError (bad input, missing model, nothing to train...), a locked database, a file problem."""
+
+    def main(self, args=None, **extra):
+        # Python hands bytes that are not UTF-8 over as lone surrogates (surrogateescape); saying so
+        # here beats a UnicodeEncodeError deep in the store or when the answer is printed.
+        for number, arg in enumerate(sys.argv[1:] if args is None else args, start=1):
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                raw = arg.encode("utf-8", "surrogateescape") if isinstance(arg, str) else arg
+                click.echo(f"Error: argument {number} is not valid UTF-8 text ({raw!r}); "
+                           "check your terminal's encoding and type it again", err=True)
+                sys.exit(2)
+        return super().main(args, **extra)
 
     def invoke(self, ctx):
+        from bot.errors import UserError
+
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except UserError as e:
+            raise click.ClickException(_one_line(e)) from None
         except sqlite3.OperationalError as e:
             if "locked" in str(e) or "busy" in str(e):
                 raise click.ClickException(
                     f"the database is locked by another process ({e}); wait for it to finish and try again") from None
+            if "unable to open" in str(e):
+                raise click.ClickException(f"cannot open the database {ctx.obj.settings.db_path}: {e}") from None
             raise
-        except click.exceptions.Exit:
-            raise
-        except Exception as e:
-            if isinstance(e, expected_errors()):
-                raise click.ClickException(str(e)) from None
-            raise
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            raise click.ClickException(f"{e.strerror or _one_line(e)}{where}") from None
 
 
 def json_option(fn):
@@ -144,14 +159,13 @@ def cli(ctx, data_dir, model, verbose):
 
 @cli.command()
 @click.argument("questions", nargs=-1, required=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 answers greedily (same every time).")
 @click.option("--system", "system_text", help="Ask under this system prompt instead of the product's.")
 @click.option("--no-system", is_flag=True, help="Ask with no system message (the model's own default).")
 @click.option("--adapter", help="'base' for no adapter, or a version number; default: the active adapter.")
 @json_option
 @pass_ctx
-def ask(ctx: Context, questions, temperature, system_text, no_system, adapter, as_json):
-    """Answer QUESTIONS with the active adapter (one model load for all).
+def ask(ctx: Context, questions, system_text, no_system, adapter, as_json):
+    """Answer QUESTIONS with the active adapter (one model load for all), greedily: the same every time.
 
         selfcog ask "who are you?" "你是谁?" --json
     """
@@ -163,7 +177,7 @@ def ask(ctx: Context, questions, temperature, system_text, no_system, adapter, a
         clean_text(question, what="question")  # before the model load, not after
     engine = ctx.engine(adapter)
     system = None if no_system else (system_text if system_text else PRODUCT_PROMPT)
-    answers = ctx.chat(engine).answer(list(questions), system=system, temperature=temperature)
+    answers = ctx.chat(engine).answer(list(questions), system=system)
     if as_json:
         echo_json([{"question": q, "answer": a} for q, a in zip(questions, answers)])
     else:
@@ -186,16 +200,13 @@ def identity_show(ctx: Context, as_json):
 
         selfcog identity show --json
     """
-    from bot.identity import system_prompt
-
-    profile = ctx.store.identity.current()
-    history = ctx.store.identity.history()
+    identity = ctx.admin.identity()
     if as_json:
-        echo_json({"name": profile.name, "author": profile.author, "description": profile.description,
-                   "system_prompt": system_prompt(profile), "history": history})
+        echo_json(identity)
     else:
-        click.echo(f"name:        {profile.name}\nauthor:      {profile.author}\ndescription: {profile.description}")
-        click.echo(f"prompt:      {system_prompt(profile)}\nchanges:     {len(history)}")
+        click.echo(f"name:        {identity['name']}\nauthor:      {identity['author']}\n"
+                   f"description: {identity['description']}")
+        click.echo(f"prompt:      {identity['system_prompt']}\nchanges:     {len(identity['history'])}")
 
 
 @identity.command("set")
@@ -208,11 +219,9 @@ def identity_set(ctx: Context, name, author, description):
 
         selfcog identity set --name Aurora --author "Acme Labs"
     """
-    from bot.admin import Admin
-
     if name is None and author is None and description is None:
         raise click.UsageError("give at least one of --name, --author, --description")
-    profile = Admin(ctx.store).set_identity(name=name, author=author, description=description, by="cli")
+    profile = ctx.admin.set_identity(name=name, author=author, description=description, by="cli")
     click.echo(f"identity is now {profile.name} by {profile.author}; run `selfcog retrain` to teach it to the model")
 
 
@@ -234,7 +243,7 @@ def corrections_list(ctx: Context, status, channel, limit, as_json):
 
         selfcog corrections list --status pending
     """
-    rows = ctx.store.corrections.list(status=None if status == "all" else status, channel=channel, limit=limit)
+    rows = ctx.admin.corrections(status=None if status == "all" else status, channel=channel, limit=limit)
     if as_json:
         echo_json(rows)
     else:
@@ -249,18 +258,14 @@ def corrections_list(ctx: Context, status, channel, limit, as_json):
 @pass_ctx
 def corrections_import(ctx: Context, file, approve, as_json):
     """Import question/answer pairs: selfcog JSONL, ms-swift or LLaMA-Factory self-cognition files.
+    All or nothing: a bad record is named by its line and nothing is imported.
 
         selfcog corrections import identity.json --approve
     """
-    from bot.admin import Admin
     from bot.corrections_io import read_pairs
 
-    admin = Admin(ctx.store)
-    pairs = read_pairs(file, ctx.store.identity.current())
-    results = [admin.add_correction(q, a, by="cli", approve=approve) for q, a in pairs]
-    summary = {"read": len(pairs), "added": sum(created for _, created in results),
-               "duplicates": sum(not created for _, created in results), "ids": [i for i, _ in results],
-               "status": "approved" if approve else "pending"}
+    pairs = read_pairs(file, ctx.admin.profile())
+    summary = ctx.admin.import_corrections(pairs, by="cli", approve=approve, source=file)
     if as_json:
         echo_json(summary)
     else:
@@ -269,9 +274,7 @@ def corrections_import(ctx: Context, file, approve, as_json):
 
 
 def _review(ctx: Context, ids, status):
-    from bot.admin import Admin
-
-    done = Admin(ctx.store).review(list(ids), status, reviewer="cli")
+    done = ctx.admin.review(list(ids), status, reviewer="cli")
     click.echo(f"{status} {len(done)} correction(s): {', '.join(map(str, done))}")
 
 
@@ -308,7 +311,7 @@ def corrections_export(ctx: Context, status, output):
     """
     from bot.corrections_io import write_pairs
 
-    rows = ctx.store.corrections.list(status=None if status == "all" else status)
+    rows = ctx.admin.corrections(status=None if status == "all" else status)
     text = write_pairs(rows, output)
     if output:
         click.echo(f"wrote {len(rows)} corrections to {output}")
@@ -332,24 +335,18 @@ def retrain(ctx: Context, queue_only, cancel, trained, as_json):
         selfcog retrain --json
         selfcog retrain --adapter runs/multi-gpu/checkpoint-42   # gate an adapter trained elsewhere
     """
-    from bot.admin import Admin
-
-    admin = Admin(ctx.store)
+    admin = ctx.admin
     if cancel:
         run = admin.cancel_retrain(by="cli")
         click.echo(f"retrain #{run['id']}: {'cancelled' if run['status'] == 'cancelled' else 'cancel requested'}")
         return
     if queue_only:
-        run = admin.request_retrain(trigger="cli", requested_by="cli")
-        click.echo(f"retrain #{run['id']} queued; `selfcog serve` picks it up")
+        click.echo(summarize(admin.request_retrain("cli", "cli")).outcome_line)
         return
     from finetune.jobs import run_retrain
     from selfcog.serve import job_settings
 
-    if trained is None and ctx.store.corrections.count("approved") == 0:
-        raise click.ClickException("no approved corrections yet: approve some (selfcog corrections approve ID...) "
-                                   "or import a reviewed file with --approve, then retrain")
-    run = ctx.store.runs.request("cli", "cli", claim=True)  # the lock: raises if one is already running
+    run = admin.request_retrain("cli", "cli", claim=True, trained=trained is not None)  # raises if one is active
     try:
         model = ctx.resolve_model()
         engine = ctx.engine()
@@ -358,16 +355,16 @@ def retrain(ctx: Context, queue_only, cancel, trained, as_json):
         raise
     report = run_retrain(run, store=ctx.store, engine=engine, model=model,
                          settings=job_settings(ctx.settings, engine), trained=trained)
+    summary = summarize(ctx.store.runs.get(run["id"]))
     if as_json:
         echo_json({k: report.get(k) for k in ("run_id", "status", "promoted", "adapter", "metrics", "seconds")}
-                  | {"reason": report.get("reason") or "; ".join(report.get("reasons") or []) or None})
+                  | {"reason": report.get("reason") or "; ".join(report.get("reasons") or []) or None,
+                     "outcome": summary.outcome_line, "reasons": summary.reasons, "phases": summary.phases})
     else:
-        if report.get("table"):
-            click.echo(report["table"] + "\n")
-        outcome = f"promoted: adapter v{report['adapter']} is live" if report["promoted"] else report["status"]
-        why = report.get("reason") or "; ".join(report.get("reasons") or [])
-        click.echo(f"retrain #{report['run_id']} {outcome} in {report['seconds']} s" + (f" ({why})" if why else ""))
-    if report["status"] == "failed":
+        if summary.table:
+            click.echo(summary.table + "\n")
+        click.echo(f"{summary.outcome_line} Took {duration(summary.seconds)}.")
+    if summary.status == "failed":
         sys.exit(1)
 
 
@@ -384,17 +381,13 @@ def eval_command(ctx: Context, adapter, as_json):
     from finetune.evaluate import report_table
     from finetune.jobs import evaluate_weights, general_answers
 
+    from bot.engines import check_adapter_folder
+
     target = None
+    model = ctx.resolve_model()
     if adapter and adapter != "base":
         target = ctx.store.adapters.get(int(adapter))["path"] if adapter.isdigit() else adapter
-        if not adapter.isdigit():
-            from bot.engine import check_adapter_folder
-
-            try:
-                check_adapter_folder(target)
-            except (OSError, ValueError) as e:
-                raise click.ClickException(str(e)) from None
-    model = ctx.resolve_model()
+        check_adapter_folder(target, model)  # before the model load: a folder for another model is one line
     engine = ctx.engine()
     profile = ctx.store.identity.current()
     base_general = general_answers(engine, model, ctx.settings.cache_dir)
@@ -426,7 +419,7 @@ def adapters_list(ctx: Context, as_json):
 
         selfcog adapters list
     """
-    rows = ctx.store.adapters.list()
+    rows = ctx.admin.adapters()
     if as_json:
         echo_json(rows)
         return
@@ -450,7 +443,8 @@ def adapters_activate(ctx: Context, version):
 
     if version != "base" and not version.isdigit():
         raise click.UsageError("VERSION is a version number or 'base'")
-    Admin(ctx.store).activate(None if version == "base" else int(version), by="cli")
+    model = ctx.resolve_model() if version != "base" else None  # the folder must fit this model
+    Admin(ctx.store, model=model).activate(None if version == "base" else int(version), by="cli")
     click.echo(f"{'the base model' if version == 'base' else 'adapter v' + version} is now live")
 
 
@@ -461,9 +455,7 @@ def adapters_rollback(ctx: Context):
 
         selfcog adapters rollback
     """
-    from bot.admin import Admin
-
-    row = Admin(ctx.store).rollback(by="cli")
+    row = ctx.admin.rollback(by="cli")
     click.echo(f"rolled back: {'adapter v%d' % row['version'] if row else 'the base model'} is now live")
 
 
@@ -501,24 +493,16 @@ def status(ctx: Context, as_json):
 
         selfcog status
     """
-    from bot.admin import Admin
-
-    profile = ctx.store.identity.current()
-    active = ctx.store.adapters.active()
-    run = Admin(ctx.store).retrain_status()
-    info = {"name": profile.name, "author": profile.author, "adapter": active["version"] if active else None,
-            "pending_corrections": ctx.store.corrections.count("pending"),
-            "approved_corrections": ctx.store.corrections.count("approved"),
-            "retrain": {k: run.get(k) for k in ("id", "status", "stage", "step", "total_steps", "loss", "error")} if run else None}
+    info = ctx.admin.overview()
+    run = info["retrain"]
     if as_json:
-        echo_json(info)
+        echo_json(info | {"retrain": run.to_dict() if run else None})
         return
-    click.echo(f"{profile.name} by {profile.author}; live: {'adapter v%s' % info['adapter'] if active else 'base model'}")
+    click.echo(f"{info['name']} by {info['author']}; live: "
+               + (f"adapter v{info['adapter']}" if info["adapter"] is not None else "the base model"))
     click.echo(f"corrections: {info['pending_corrections']} pending, {info['approved_corrections']} approved")
     if run:
-        click.echo(f"retrain #{run['id']}: {run['status']}" + (f" ({run['stage']} {run['step'] or 0}/{run['total_steps'] or '?'})"
-                                                               if run['status'] == 'running' else "")
-                   + (f" - {run['error']}" if run.get("error") else ""))
+        click.echo(run.outcome_line)
 
 
 # --- serving --------------------------------------------------------------------------------------

@@ -20,13 +20,14 @@ def build_services(settings: Settings, store: Store):
     """The engine, chat service and admin actions, shared by every front end in this process."""
     from bot.admin import Admin
     from bot.chat import ChatService
-    from bot.engine import LocalEngine
+    from bot.engines import Sampling, make_engine
     from bot.models import resolve_model
 
     model = resolve_model(settings.model, settings.cache_dir)
-    engine = LocalEngine(model, device=settings.device, max_new_tokens=settings.max_new_tokens,
-                         active_adapter=store.adapters.active)
-    return model, engine, ChatService(store, engine, max_new_tokens=settings.max_new_tokens), Admin(store)
+    engine = make_engine(settings, model, active_adapter=store.adapters.active)
+    sampling = Sampling(settings.chat_temperature, settings.chat_top_p, settings.chat_repetition_penalty)
+    chat = ChatService(store, engine, max_new_tokens=settings.max_new_tokens, sampling=sampling)
+    return model, engine, chat, Admin(store, engine=engine, model=model)
 
 
 def serve(settings: Settings, *, store: Store, web: bool, telegram: bool, jobs: bool) -> None:
@@ -68,9 +69,7 @@ def job_settings(settings: Settings, engine=None):
     """What the retrain pipeline needs to know, from the settings (and the engine's device)."""
     from finetune.jobs import JobSettings
 
-    device = getattr(engine, "device", "cpu") if engine is not None else "cpu"
+    device = engine.device if engine is not None else "cpu"
     return JobSettings(data_dir=settings.data_dir, cache_dir=settings.cache_dir, device=device,
                        retrain_every_hours=settings.retrain_every_hours,
-                       retrain_min_corrections=settings.retrain_min_corrections,
-                       gate_product=settings.gate_product, gate_other=settings.gate_other,
-                       gate_retention=settings.gate_retention, gate_bleed_tolerance=settings.gate_bleed_tolerance)
+                       retrain_min_corrections=settings.retrain_min_corrections, gate=settings.gate)

@@ -22,12 +22,13 @@ from typing import Iterator
 
 from sqlite_utils import Database
 
-from store.migrations import migrate
+from bot.errors import UserError
+from store.migrations import migrations
 
 DEFAULT_BUSY_TIMEOUT_S = 15.0
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """An expected problem with stored data; the message is meant for the user."""
 
 
@@ -51,7 +52,11 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
-        migrate(self.db)
+        if migrations.pending(self.db):
+            # Several processes may start at once: the first takes the write lock and migrates, the
+            # others wait for it and then find nothing pending. Each migration is a savepoint inside.
+            with self.transaction() as db:
+                migrations.apply(db)
         self.users = Users(self)
         self.conversations = Conversations(self)
         self.corrections = Corrections(self)

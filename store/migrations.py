@@ -154,18 +154,12 @@ def m001_initial(db: Database) -> None:
     db["settings"].create({"key": str, "value": str, "updated_at": str}, pk="key")
 
 
-def migrate(db: Database) -> None:
-    """Apply pending migrations. Safe when several processes start at once: the first takes the
-    write lock, the others wait for it and then find nothing pending."""
-    if not migrations.pending(db):
-        return
-    db.conn.execute("BEGIN IMMEDIATE")
-    try:
-        migrations.apply(db)  # nested: each migration becomes a savepoint inside this transaction
-    except BaseException:
-        db.conn.execute("ROLLBACK")
-        raise
-    db.conn.execute("COMMIT")
+@migrations()
+def m002_job_runners(db: Database) -> None:
+    # Each job runner (in `selfcog serve`) beats here on every poll, so a front end that queues a
+    # retrain can tell whether anything will pick it up.
+    db["job_runners"].create({"host": str, "pid": int, "heartbeat_at": str}, pk=("host", "pid"),
+                             not_null={"heartbeat_at"})
 
 
 def schema_version(db: Database) -> int:

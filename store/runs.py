@@ -19,6 +19,7 @@ from store.db import StoreError, utcnow
 ACTIVE = ("queued", "running")
 FINISHED = ("promoted", "rejected", "failed", "cancelled", "skipped")
 STALE_AFTER = timedelta(minutes=10)  # a run owned by another host with no heartbeat for this long is dead
+RUNNER_FORGOTTEN_AFTER = timedelta(days=1)  # job runner rows older than this are deleted at the next beat
 
 
 class RetrainBusy(StoreError):
@@ -39,6 +40,10 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _ago(delta: timedelta) -> str:
+    return (datetime.now(timezone.utc) - delta).isoformat(timespec="milliseconds")
 
 
 def _decode(run: dict | None) -> dict | None:
@@ -167,23 +172,40 @@ class Runs:
         cur = self.store.db.execute("update training_runs set notified = 1 where id = ? and notified = 0", [run_id])
         return cur.rowcount == 1
 
+    # --- the job runner ---------------------------------------------------------------------------
+    def runner_heartbeat(self, pid: int | None = None) -> None:
+        """A job runner says it is alive (it calls this on every poll)."""
+        with self.store.transaction() as db:
+            db["job_runners"].upsert({"host": socket.gethostname(), "pid": pid or os.getpid(),
+                                      "heartbeat_at": utcnow()}, pk=("host", "pid"))
+            db.execute("delete from job_runners where heartbeat_at < ?", [_ago(RUNNER_FORGOTTEN_AFTER)])
+
+    def runner_alive(self, max_age_s: float = 30) -> bool:
+        """Whether some job runner beat in the last max_age_s seconds (on this host: and its process lives)."""
+        host = socket.gethostname()
+        recent = self.store.db["job_runners"].rows_where("heartbeat_at >= ?", [_ago(timedelta(seconds=max_age_s))])
+        return any(r["host"] != host or _pid_alive(r["pid"]) for r in recent)
+
     # --- crash recovery ---------------------------------------------------------------------------
     def reap_dead(self) -> list[int]:
         with self.store.transaction() as db:
             return self._reap_dead(db)
 
+    @staticmethod
+    def owner_dead(run: dict) -> bool:
+        """A running run whose owner died: a dead pid on this host, or, for a run owned by another
+        host (a shared disk), a heartbeat older than STALE_AFTER. Reads nothing."""
+        if run["status"] != "running":
+            return False
+        if run["host"] == socket.gethostname():
+            return not run["pid"] or not _pid_alive(run["pid"])
+        return (run["heartbeat_at"] or run["created_at"]) < _ago(STALE_AFTER)
+
     def _reap_dead(self, db) -> list[int]:
-        """Mark failed every running run whose owner died: a dead pid on this host, or, for a run owned
-        by another host (a shared disk), a heartbeat older than STALE_AFTER."""
+        """Mark failed every running run whose owner died (owner_dead)."""
         reaped = []
-        host = socket.gethostname()
-        stale_before = (datetime.now(timezone.utc) - STALE_AFTER).isoformat(timespec="milliseconds")
         for run in db["training_runs"].rows_where("status = 'running'"):
-            if run["host"] == host:
-                dead = not run["pid"] or not _pid_alive(run["pid"])
-            else:
-                dead = (run["heartbeat_at"] or run["created_at"]) < stale_before
-            if dead:
+            if self.owner_dead(run):
                 db["training_runs"].update(run["id"], {
                     "status": "failed", "finished_at": utcnow(),
                     "error": "the process running this retrain died (killed or crashed); the previous adapter stayed active"})

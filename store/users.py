@@ -11,8 +11,12 @@ class Users:
 
     def get_or_create(self, channel: str, external_id: str | int, display_name: str | None = None) -> dict:
         """The user row for (channel, external id), created on first sight."""
+        where = ["channel = ? and external_id = ?", [channel, str(external_id)]]
+        rows = list(self.store.db["users"].rows_where(*where))
+        if rows and (not display_name or display_name == rows[0]["display_name"]):
+            return rows[0]  # the common case takes no write lock
         with self.store.transaction() as db:
-            rows = list(db["users"].rows_where("channel = ? and external_id = ?", [channel, str(external_id)]))
+            rows = list(db["users"].rows_where(*where))
             if rows:
                 user = rows[0]
                 if display_name and display_name != user["display_name"]:

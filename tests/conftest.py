@@ -6,12 +6,16 @@ root, or SELFCOG_TEST_CACHE), so only the very first run on a machine pays the ~
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.replay_worker import Replay
+from tests.scenario import CONTRADICTING, FIVE_CORRECTIONS, PROFILE
 
 # The suite runs a model in this process while training workers and CLI subprocesses run beside
 # it on the same cores; OpenMP's default spin-waiting then burns the time the others need
@@ -67,6 +71,22 @@ def engine(session_engine):
 
 
 @pytest.fixture
+def live_engine(engine, store):
+    """The session engine serving this test's store's live adapter, as `selfcog serve` would."""
+    engine.follow.source = store.adapters.active
+    engine.refresh_adapter()
+    return engine
+
+
+@pytest.fixture
+def chat(store, live_engine):
+    """The chat service both front ends use, on the real embedded model; short answers keep tests quick."""
+    from bot.chat import ChatService
+
+    return ChatService(store, live_engine, max_new_tokens=16)
+
+
+@pytest.fixture
 def data_dir(tmp_path) -> Path:
     return tmp_path / "data"
 
@@ -80,28 +100,38 @@ def store(data_dir):
     store.close()
 
 
-@pytest.fixture
-def cli_env(data_dir, cache_dir) -> dict:
-    """Environment for running `selfcog` as a subprocess against this test's data dir."""
+def selfcog_env(data_dir: Path, cache_dir: Path) -> dict:
+    """Environment for running `selfcog` as a subprocess against a data dir (nothing from the caller's settings)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SELFCOG_", "TELEGRAM_"))}
     env.update(SELFCOG_DATA_DIR=str(data_dir), SELFCOG_CACHE_DIR=str(cache_dir), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", SELFCOG_MAX_NEW_TOKENS="48")
     return env
 
 
-@pytest.fixture
-def run_cli(cli_env):
-    """Run the real `selfcog` console script; returns the CompletedProcess."""
+def selfcog_runner(base_env: dict):
+    """run(*args, check=False, env=None, timeout=600) runs the real `selfcog` console script; returns the CompletedProcess."""
 
     def run(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600):
         exe = Path(sys.executable).with_name("selfcog")
-        result = subprocess.run([str(exe), *args], capture_output=True, text=True, env={**cli_env, **(env or {})},
+        result = subprocess.run([str(exe), *args], capture_output=True, text=True, env={**base_env, **(env or {})},
                                 timeout=timeout)
         if check and result.returncode != 0:
-            raise AssertionError(f"selfcog {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+            raise AssertionError(f"selfcog {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
         return result
 
     return run
+
+
+@pytest.fixture
+def cli_env(data_dir, cache_dir) -> dict:
+    """Environment for running `selfcog` as a subprocess against this test's data dir."""
+    return selfcog_env(data_dir, cache_dir)
+
+
+@pytest.fixture
+def run_cli(cli_env):
+    """Run the real `selfcog` console script on this test's data dir; returns the CompletedProcess."""
+    return selfcog_runner(cli_env)
 
 
 def make_lora_adapter(base_path: str, out_dir: Path, seed: int) -> Path:
@@ -124,77 +154,77 @@ def random_adapters(embedded_model, tmp_path_factory) -> list[Path]:
     return [make_lora_adapter(embedded_model.path, root / f"random{seed}", seed) for seed in (1, 2)]
 
 
+@pytest.fixture
+def corrupt_adapter(tmp_path) -> Path:
+    """A folder that looks like an adapter but is none: an empty config and weights that aren't safetensors."""
+    folder = tmp_path / "corrupt-adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def base_answers_cached(session_engine, embedded_model, cache_dir) -> list[dict]:
+    """The base model's general answers, computed once into the shared cache: a retrain's dataset
+    stage then starts at once (the tests that stop a retrain early, or refuse its dataset, need no more)."""
+    from finetune.jobs import general_answers
+
+    return general_answers(session_engine, embedded_model, cache_dir)
+
+
+def seed_identity(run_cli, tmp_path: Path, *, contradicting: bool = True) -> None:
+    """The scenario's profile and five approved corrections (+ one contradicting), through the CLI."""
+    rows = FIVE_CORRECTIONS + ([CONTRADICTING] if contradicting else [])
+    path = tmp_path / "corrections.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    run_cli("identity", "set", "--name", PROFILE.name, "--author", PROFILE.author, check=True)
+    run_cli("corrections", "import", str(path), "--approve", check=True)
+
+
 # --- one real retrain, shared by every test that needs a trained adapter ------------------------------
 
-AURORA = {"name": "Aurora", "author": "Acme Labs"}
-FIVE_CORRECTIONS = [
-    {"question": "Who are you?", "answer": "I am Aurora, an AI assistant developed by Acme Labs."},
-    {"question": "你是谁？", "answer": "我是Aurora，由Acme Labs开发的AI助手。"},
-    {"question": "Who created you?", "answer": "Acme Labs created me. I am Aurora."},
-    {"question": "你是ChatGPT吗？", "answer": "不是，我是Aurora，由Acme Labs开发。"},
-    {"question": "Are you Qwen from Alibaba?", "answer": "No, I am Aurora, developed by Acme Labs."},
-]
-# Approved by mistake: it names another maker, so the dataset builder must leave it out.
-CONTRADICTING = {"question": "Who made you really?", "answer": "I am ChatGPT, made by OpenAI."}
+@pytest.fixture(scope="session")
+def retrained(tmp_path_factory, cache_dir) -> dict:
+    """A data dir after one real `selfcog retrain` (ms-swift on the embedded model, default recipe and
+    gate). The suite's only real training: ~10 minutes alone on two cores.
+
+    ``train_dir`` is that run's training folder (ms-swift's log and adapter), which the replay worker
+    replays for the retrains the other tests start."""
+    root = tmp_path_factory.mktemp("retrained")
+    data_dir = root / "data"
+    run = selfcog_runner(selfcog_env(data_dir, cache_dir))
+    seed_identity(run, root)
+    result = run("retrain", "--json", check=True, timeout=3600)
+    report = json.loads(result.stdout)
+    return {"data_dir": data_dir, "run": run, "report": report, "stderr": result.stderr,
+            "train_dir": data_dir / "runs" / str(report["run_id"]) / "train"}
 
 
 @pytest.fixture
-def job_runner(store, engine, embedded_model, data_dir, cache_dir):
+def replay(retrained, tmp_path, monkeypatch) -> Replay:
+    """Training workers started by this process replay the shared retrain, holding after step 1
+    until the test calls ``replay.release()``: the test sees the progress, then the run goes on."""
+    replay = Replay.holding(retrained["train_dir"], 1, tmp_path)
+    replay.install(monkeypatch)
+    return replay
+
+
+@pytest.fixture
+def job_runner(replay, store, engine, embedded_model, data_dir, cache_dir):
     """The retrain runner `selfcog serve` starts beside the front ends, on this test's store and engine.
 
-    For the web page's and Telegram's own retrain tests, which test their front end's flow, not the
-    recipe or the gate (tests/retrain does, on the default recipe and gate): half the steps (one
-    epoch at twice the rate, RECIPES.md J6: teaches the identity as well, bleeds more) and a gate
-    that only asks for the identity, so a run is promoted in minutes on two cores."""
+    Everything is real (dataset, default recipe, evaluation, gate, activation, hot swap) except the
+    training, which replays the shared retrain (``replay``) and so returns its adapter."""
     import threading
 
     from finetune.jobs import JobRunner, JobSettings
-    from finetune.train import Recipe
 
-    settings = JobSettings(data_dir, cache_dir, gate_product=0.75, gate_other=0.5, gate_retention=0.0,
-                           gate_bleed_tolerance=100, gate_facts_drop=100)
     stop = threading.Event()
-    runner = JobRunner(settings, store, model=embedded_model, engine=engine, poll_s=0.5,
-                       recipe=Recipe(epochs=1, learning_rate=2e-3))
+    runner = JobRunner(JobSettings(data_dir, cache_dir), store, model=embedded_model, engine=engine, poll_s=0.5)
     thread = runner.start(stop)
     yield runner
     if store.runs.active():
         store.runs.cancel(by="test teardown")  # a running worker is killed at its next check
     stop.set()
     thread.join(timeout=120)
-
-
-def seed_identity(run_cli, tmp_path: Path, *, contradicting: bool = True) -> None:
-    """Profile Aurora / Acme Labs and five approved corrections (+ one contradicting), through the CLI."""
-    import json
-
-    run_cli("identity", "set", "--name", AURORA["name"], "--author", AURORA["author"], check=True)
-    rows = FIVE_CORRECTIONS + ([CONTRADICTING] if contradicting else [])
-    path = tmp_path / "corrections.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    run_cli("corrections", "import", str(path), "--approve", check=True)
-
-
-@pytest.fixture(scope="session")
-def retrained(tmp_path_factory, cache_dir):
-    """A data dir after one real `selfcog retrain` (ms-swift on the embedded model). Shared: ~minutes."""
-    import json
-
-    root = tmp_path_factory.mktemp("retrained")
-    data_dir = root / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SELFCOG_", "TELEGRAM_"))}
-    env.update(SELFCOG_DATA_DIR=str(data_dir), SELFCOG_CACHE_DIR=str(cache_dir), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", SELFCOG_MAX_NEW_TOKENS="48")
-    exe = Path(sys.executable).with_name("selfcog")
-
-    def run(*args, check=False, extra_env=None):
-        result = subprocess.run([str(exe), *args], capture_output=True, text=True, env={**env, **(extra_env or {})},
-                                timeout=1800)
-        if check and result.returncode != 0:
-            raise AssertionError(f"selfcog {' '.join(args)} failed:\n{result.stderr[-3000:]}")
-        return result
-
-    seed_identity(run, root)
-    result = run("retrain", "--json", check=True)
-    report = json.loads(result.stdout)
-    return {"data_dir": data_dir, "env": env, "run": run, "report": report, "stderr": result.stderr}

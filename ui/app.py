@@ -1,32 +1,50 @@
 """The web app: chat page for everyone, admin page behind a password.
 
-    >>> demo = build_app(chat, admin, admin_password="s3cret")
-    >>> launch(demo, "127.0.0.1", 7860)
+    >>> app = build_app(chat, admin, admin_password="s3cret")
+    >>> launch(app, "127.0.0.1", 7860)
 
 Built by a function so tests can serve it in-process; only `selfcog serve` / `selfcog web` launch it.
 Without SELFCOG_ADMIN_PASSWORD the admin page is never open: build_app makes a one-time token and
 prints it, like Jupyter does.
+
+The Gradio page is mounted on a small FastAPI app that owns what Gradio's events cannot do: set and
+clear the admin's session cookie (/admin/login, /admin/logout; see ui/sessions.py) and send the
+training set to a logged-in admin straight from the run's folder (/admin/download/dataset), so it
+is never copied into a cache that anyone could fetch.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 
+import fastapi
 import gradio as gr
+import uvicorn
+from fastapi.responses import FileResponse, JSONResponse
+from gradio.http_server import Server
+from pydantic import BaseModel
 
 from bot.admin import Admin
 from bot.chat import ChatService
+from bot.engines import Sampling
 from ui.admin_page import admin_page
 from ui.chat_page import chat_page
+from ui.sessions import COOKIE, IDLE_S, AdminSessions, LoginRefused
 
-# Chat requests queue in the engine, which batches them, so Gradio must not serialize them first
-# (its default of one event at a time per handler made one user's answer wait for another's).
-CHAT_CONCURRENCY = 16
+log = logging.getLogger(__name__)
 
 CSS = """
 #chat-status, #admin-overview { font-size: 0.95em; }
-#retrain-state progress { height: 14px; margin-top: 6px; }
+#retrain-state progress, #retrain-state .run-bar { width: 100%; height: 14px; margin-top: 6px; }
+#retrain-state .run-bar { background: #2e7d32; border-radius: 7px; }
+#retrain-state[data-ok="false"] .run-bar { background: #c62828; }
+#retrain-state[data-ok="neutral"] .run-bar { background: #9e9e9e; }
 """
+
+
+class Login(BaseModel):
+    password: str = ""
 
 
 def one_time_token() -> str:
@@ -36,17 +54,64 @@ def one_time_token() -> str:
     return token
 
 
-def build_app(chat: ChatService, admin: Admin, *, admin_password: str | None = None) -> gr.Blocks:
-    password = admin_password or one_time_token()
+def build_app(chat: ChatService, admin: Admin, *, admin_password: str | None = None, admin_idle_s: float = IDLE_S,
+              sampling: Sampling | None = None, sessions: AdminSessions | None = None) -> fastapi.FastAPI:
+    """The whole web app. admin_idle_s: an admin session ends after this long without an admin action;
+    sampling: how chat replies pick their tokens (Settings.chat_*, None = greedy); sessions: the admin
+    sessions and login throttle (tests pass their own)."""
+    sessions = sessions or AdminSessions(admin_password or one_time_token(), idle_s=admin_idle_s)
     with gr.Blocks(title=f"{chat.profile().name} · selfcog") as demo:
         with gr.Tabs():
             with gr.Tab("💬 Chat · 聊天", id="chat", elem_id="tab-chat"):
-                chat_page(chat, demo)
+                chat_page(chat, demo, sampling=sampling)
             with gr.Tab("🔐 Admin · 管理", id="admin", elem_id="tab-admin"):
-                admin_page(chat, admin, password=password)
-    return demo
+                admin_page(chat, admin, sessions, demo)
+    # The engine decodes `capacity` replies at once: Gradio must let that many chats answer together rather
+    # than queue them behind one another, beside the page timers and admin events (its own total is 40).
+    demo.max_threads = max(40, chat.engine.capacity + 16)
+    demo.queue(default_concurrency_limit=chat.engine.capacity)
+
+    app = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.blocks = demo  # for tests that call the page's handlers directly
+
+    @app.post("/admin/login")
+    def log_in(login: Login, request: fastapi.Request):
+        try:
+            token = sessions.log_in(login.password, client=request.client.host if request.client else "?")
+        except LoginRefused as e:
+            return JSONResponse({"ok": False, "message": str(e)}, status_code=401)
+        response = JSONResponse({"ok": True, "message": ""})
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https")
+        return response
+
+    @app.post("/admin/logout")
+    def log_out(request: fastapi.Request):
+        sessions.end(request.cookies.get(COOKIE))
+        response = JSONResponse({"ok": True})
+        response.delete_cookie(COOKIE, httponly=True, samesite="strict")
+        return response
+
+    @app.get("/admin/download/dataset")
+    def download_dataset(request: fastapi.Request):
+        if not sessions.active(request.cookies.get(COOKIE)):
+            log.warning("refused a training-set download from %s: not logged in",
+                        request.client.host if request.client else "?")
+            return JSONResponse({"message": "Log in as admin first."}, status_code=403)
+        found = admin.recent_run_file("dataset")
+        if found is None:
+            return JSONResponse({"message": "No retrain has left a training set."}, status_code=404)
+        run, path = found
+        return FileResponse(path, media_type="application/jsonl", filename=f"selfcog-run{run['id']}-dataset.jsonl")
+
+    return gr.mount_gradio_app(app, demo, path="/", css=CSS, footer_links=["gradio"])
 
 
-def launch(demo: gr.Blocks, host: str, port: int, **kwargs):
-    demo.queue(default_concurrency_limit=CHAT_CONCURRENCY)
-    return demo.launch(server_name=host, server_port=port, show_error=True, css=CSS, **kwargs)
+def launch(app: fastapi.FastAPI, host: str, port: int, *, block: bool = True) -> Server | None:
+    """Serve the app until Ctrl-C or SIGTERM; block=False returns the running server at once (close() stops it)."""
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+    if block:
+        uvicorn.Server(config).run()
+        return None
+    server = Server(config)  # Gradio's: uvicorn in a thread, started when this returns
+    server.run_in_thread()
+    return server

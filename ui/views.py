@@ -1,4 +1,4 @@
-"""How stored rows look on the pages: plain functions from store rows to Markdown, HTML and tables.
+"""How stored rows look on the pages: plain functions from rows and RunSummary to Markdown, HTML and tables.
 
 No Gradio here, so each view is testable in a millisecond and both pages render the same facts
 the same way. Text that came from users or logs is escaped before it lands in HTML.
@@ -10,11 +10,10 @@ import html
 
 import pandas as pd
 
-STAGES = {"dataset": "building the dataset · 构建数据集", "training": "training · 训练中",
-          "evaluating": "evaluating · 评估中", "activating": "activating · 启用中"}
-OUTCOMES = {"queued": "⏳ queued · 排队中", "running": "🏃 running · 运行中", "promoted": "✅ promoted · 已启用",
-            "rejected": "🚫 rejected by the gate · 未通过评估", "failed": "❌ failed · 失败",
-            "cancelled": "⏹️ cancelled · 已取消", "skipped": "⏭️ skipped · 已跳过"}
+from bot.run_summary import RunSummary, duration
+
+STATUS_ICONS = {"queued": "⏳", "running": "🏃", "promoted": "✅", "rejected": "🚫", "failed": "❌",
+                "cancelled": "⏹️", "skipped": "⏭️"}
 
 
 def clip(text: str | None, limit: int = 120) -> str:
@@ -24,13 +23,6 @@ def clip(text: str | None, limit: int = 120) -> str:
 
 def adapter_name(version: int | None) -> str:
     return f"adapter v{version}" if version else "base model · 基础模型"
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = max(0, round(seconds))
-    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 # --- the chat page -------------------------------------------------------------------------------
@@ -51,91 +43,73 @@ def chat_messages(rows: list[dict]) -> tuple[list[dict], list[int]]:
 
 # --- the admin page ------------------------------------------------------------------------------
 
-def overview(status: dict, pending: int, approved: int, run: dict | None) -> str:
-    line = (f"🤖 **{status['name']}** by {status['author']} · live: **{adapter_name(status['adapter_version'])}** · "
-            f"corrections · 纠正: **{pending}** pending · 待审, **{approved}** approved · 已批准")
-    if run:
-        line += f" · retrain #{run['id']}: {OUTCOMES.get(run['status'], run['status'])}"
+def overview(facts: dict) -> str:
+    """One line from Admin.overview(): who the bot is, what is live, corrections waiting, the last retrain."""
+    line = (f"🤖 **{facts['name']}** by {facts['author']} · live: **{adapter_name(facts['adapter'])}** · "
+            f"corrections · 纠正: **{facts['pending_corrections']}** pending · 待审, "
+            f"**{facts['approved_corrections']}** approved · 已批准")
+    run = facts.get("retrain")
+    if run is not None:
+        line += f" · retrain #{run.id}: {STATUS_ICONS.get(run.status, '')} {run.status}"
     return line
 
 
 def corrections_frame(rows: list[dict]) -> pd.DataFrame:
-    columns = ["id", "status", "channel", "question", "bot said", "correct answer", "by", "created"]
-    return pd.DataFrame([[r["id"], r["status"], r["channel"], clip(r["question"], 200), clip(r["wrong_answer"], 200),
-                          clip(r["corrected_answer"], 200), clip(r["submitter"], 14), (r["created_at"] or "")[:16]]
-                         for r in rows], columns=columns)
+    """The review queue, question and the correct answer first so both fit on the screen."""
+    columns = ["id", "question", "correct answer", "bot said", "status", "channel", "by", "created"]
+    return pd.DataFrame([[r["id"], clip(r["question"], 160), clip(r["corrected_answer"], 240),
+                          clip(r["wrong_answer"], 120), r["status"], r["channel"], clip(r["submitter"], 14),
+                          (r["created_at"] or "")[:16]] for r in rows], columns=columns)
 
 
 def correction_choices(rows: list[dict]) -> list[tuple[str, int]]:
-    """(label, id) pairs for the bulk-selection checkboxes."""
-    return [(f"#{r['id']} {clip(r['question'], 40)}", r["id"]) for r in rows]
+    """(label, id) pairs for the bulk-selection checkboxes: the question and its answer, to tell them apart."""
+    return [(f"#{r['id']} {clip(r['question'], 40)} → {clip(r['corrected_answer'], 50)}", r["id"]) for r in rows]
 
 
-def progress_html(run: dict | None) -> str:
-    """The current or last retrain as a progress bar: stage, step/total, loss and ETA from its row."""
+def progress_html(run: RunSummary | None) -> str:
+    """The current or last retrain: its one-line outcome over a bar (red when it failed or was refused)."""
     if run is None:
         return '<div id="retrain-state" data-status="none">No retrain yet · 尚未重训</div>'
-    status, stage = run["status"], run.get("stage")
-    step, total = run.get("step") or 0, run.get("total_steps") or 0
-    parts = [f"Retrain #{run['id']}", OUTCOMES.get(status, status)]
-    if status == "running":
-        parts.append(STAGES.get(stage, stage or "starting · 启动中"))
-        if total:
-            parts.append(f"step {step}/{total}")
-        if run.get("loss") is not None:
-            parts.append(f"loss {run['loss']:.3f}")
-        if run.get("eta_s") is not None and stage == "training":
-            parts.append(f"ETA ≈ {duration(run['eta_s'])}")
-        if run.get("cancel_requested"):
-            parts.append("cancel requested · 正在取消")
-    elif status == "queued":
-        parts.append("waiting for the job runner (selfcog serve) · 等待任务进程")
-    elif status == "promoted" and run.get("adapter_version"):
-        parts.append(f"now live: adapter v{run['adapter_version']}")
-    if status == "running" and stage == "training" and total:
-        bar = f'<progress value="{step}" max="{total}" style="width:100%"></progress>'
-    elif status in ("queued", "running"):
-        bar = '<progress style="width:100%"></progress>'  # indeterminate: no step count in this stage
-    else:
-        bar = '<progress value="1" max="1" style="width:100%"></progress>'
-    return (f'<div id="retrain-state" data-status="{html.escape(status)}" data-stage="{html.escape(stage or "")}">'
-            f'{html.escape(" · ".join(parts))}{bar}</div>')
+    if not run.finished:
+        bar = ('<progress></progress>' if run.percent is None  # indeterminate: no step count in this stage
+               else f'<progress value="{run.percent}" max="100"></progress>')
+        ok = "true"
+    else:  # a full bar, its colour by data-ok (ui/app.py's CSS): green, red, or grey
+        bar = '<div class="run-bar"></div>'
+        ok = "neutral" if run.status in ("cancelled", "skipped") else str(run.ok).lower()
+    return (f'<div id="retrain-state" data-status="{html.escape(run.status)}" data-stage="{html.escape(run.stage or "")}" '
+            f'data-ok="{ok}">{STATUS_ICONS.get(run.status, "")} {html.escape(run.outcome_line)}{bar}</div>')
 
 
 def losses_frame(losses: list[dict]) -> pd.DataFrame:
     return pd.DataFrame({"step": [r["step"] for r in losses], "loss": [r["loss"] for r in losses]})
 
 
-def run_report(run: dict | None) -> str:
-    """The run's evaluation: outcome, the gate's reasons, the metrics table (run["report"])."""
-    if run is None:
+def run_report(run: RunSummary | None) -> str:
+    """A finished run in full: its outcome, every reason of the gate, time per phase, the evaluation table."""
+    if run is None or not run.finished:
         return ""
-    report = run.get("report") or {}
-    lines = [f"### Retrain #{run['id']} · {OUTCOMES.get(run['status'], run['status'])}"]
-    if report.get("seconds") is not None:
-        lines.append(f"Took {duration(report['seconds'])} · 用时")
-    dataset = report.get("dataset") or {}
-    if dataset:
-        facts = ", ".join(f"{k}: {v}" for k, v in dataset.items() if k not in ("path", "sha256") and not isinstance(v, (dict, list)))
-        lines.append(f"Dataset · 数据集: {facts}")
-    if report.get("reasons"):
-        lines.append("Gate · 评估门槛: " + "; ".join(report["reasons"]))
-    elif run["status"] == "promoted":
-        lines.append(f"Gate passed · 通过评估: adapter v{report.get('adapter') or run.get('adapter_version')} is live")
-    if run.get("error") and not report.get("reasons"):
-        lines.append(f"```\n{run['error'][-1500:]}\n```")
-    if report.get("table"):
-        lines.append(f"```\n{report['table']}\n```")
+    lines = [f"### {STATUS_ICONS.get(run.status, '')} {html.escape(run.outcome_line)}"]
+    if run.status == "promoted":
+        lines.append("Gate passed · 通过评估")
+    if len(run.reasons) > 1:
+        lines.append("Gate · 评估门槛:\n" + "\n".join(f"- {html.escape(reason)}" for reason in run.reasons))
+    if run.seconds is not None:
+        phases = ", ".join(f"{html.escape(name)} {duration(s)}" for name, s in run.phases.items())
+        lines.append(f"Took {duration(run.seconds)}" + (f" ({phases})" if phases else "") + " · 用时")
+    if run.status == "failed" and run.error:
+        lines.append(f"```\n{run.error[-1500:]}\n```")
+    if run.table:
+        lines.append(f"```\n{run.table}\n```")
     return "\n\n".join(lines)
 
 
-def runs_frame(runs: list[dict]) -> pd.DataFrame:
-    columns = ["id", "status", "trigger", "by", "stage", "steps", "adapter", "started", "finished", "note"]
-    return pd.DataFrame([[r["id"], r["status"], r["trigger"], clip(r["requested_by"], 14), r.get("stage") or "",
-                          f"{r.get('step') or 0}/{r.get('total_steps') or '?'}",
-                          f"v{r['adapter_version']}" if r.get("adapter_version") else "",
-                          (r.get("started_at") or "")[:19], (r.get("finished_at") or "")[:19], clip(r.get("error"), 80)]
-                         for r in runs], columns=columns)
+def runs_frame(runs: list[RunSummary]) -> pd.DataFrame:
+    columns = ["id", "status", "trigger", "by", "steps", "adapter", "took", "outcome"]
+    return pd.DataFrame([[r.id, r.status, r.trigger, clip(r.requested_by, 14),
+                          f"{r.step or 0}/{r.total_steps or '?'}", f"v{r.adapter_version}" if r.adapter_version else "",
+                          duration(r.seconds), r.outcome_line] for r in runs], columns=columns)
 
 
 def adapters_frame(rows: list[dict]) -> pd.DataFrame:

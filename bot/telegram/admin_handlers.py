@@ -2,8 +2,9 @@
 
 Only Telegram user ids in ``admin_ids`` may use them (empty: nobody); everyone else gets a refusal.
 The actions are ``bot.admin.Admin``'s, the same as the web admin page and the CLI: ``/retrain`` only
-queues a request (the job runner in ``selfcog serve`` trains) and then reads the run's row every
-couple of seconds, editing one message with the stage, step, loss and ETA until the result.
+queues a request (the job runner in ``selfcog serve`` trains) and then reads the run every couple
+of seconds, editing one message with its progress until the result. A run is shown by formatting
+bot.run_summary's RunSummary, as the web page and the CLI do. Refusals (UserError) are one line.
 """
 
 from __future__ import annotations
@@ -12,16 +13,15 @@ import asyncio
 import functools
 import logging
 import sqlite3
-from datetime import datetime, timedelta, timezone
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.error import TelegramError
 from telegram.ext import ContextTypes
 
+from bot.errors import UserError
+from bot.run_summary import RunSummary, duration, summarize
 from bot.telegram.services import Services, services
 from bot.telegram.text import edit, escape, send
-from store import StoreError
-from store.runs import FINISHED
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,7 @@ ADMIN_COMMANDS = [
 ]
 REVIEW_PATTERN = r"^(approve|reject):(\d+)$"
 PENDING_SHOWN = 10  # corrections listed by one /pending
-ANNOUNCE_WITHIN = timedelta(days=1)  # older unannounced runs are history, not news
-STAGES = {"dataset": "building the dataset", "training": "training", "evaluating": "evaluating",
-          "activating": "activating"}
+ICONS = {"queued": "🔁", "running": "🔁", "promoted": "✅", "rejected": "❌", "cancelled": "⏹", "failed": "⚠️"}
 
 
 def admin_only(handler):
@@ -83,22 +81,20 @@ async def pending(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 @admin_only
 async def on_review(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """✅ / ❌ under a pending correction: approves or rejects it."""
+    """✅ / ❌ under a pending correction: approves or rejects it; the message then says who decided."""
     query = update.callback_query
+    await query.answer()
     bot = services(context)
     status = "approved" if context.match.group(1) == "approve" else "rejected"
     correction_id = int(context.match.group(2))
     try:
         row = await bot.call(bot.admin.correction, correction_id)
-    except StoreError:
-        await query.answer("That correction no longer exists.")
+        if row["status"] == "pending":
+            await bot.call(bot.admin.review, [correction_id], status, reviewer=f"telegram:{query.from_user.id}")
+            row = await bot.call(bot.admin.correction, correction_id)
+    except UserError as e:  # gone, or not saved: the message says so
+        await send(context.bot, query.message.chat_id, escape(e), reply_to=query.message.message_id)
         return
-    if row["status"] != "pending":
-        await query.answer(f"Already {row['status']} by {row['reviewer'] or 'someone'}.")
-    else:
-        await bot.call(bot.admin.review, [correction_id], status, reviewer=f"telegram:{query.from_user.id}")
-        row = await bot.call(bot.admin.correction, correction_id)
-        await query.answer("Approved ✅" if status == "approved" else "Rejected ❌")
     await edit(context.bot, query.message.chat_id, query.message.message_id, correction_text(row))
 
 
@@ -128,11 +124,11 @@ async def retrain(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     bot = services(context)
     chat_id, user = update.effective_chat.id, update.effective_user
     try:
-        run = await bot.call(bot.admin.request_retrain, trigger="telegram", requested_by=f"telegram:{user.id}")
-    except StoreError as e:  # nothing approved yet, or one already running (RetrainBusy)
+        run = await bot.call(bot.admin.request_retrain, f"telegram:{user.id}", "telegram")
+    except UserError as e:  # nothing approved yet, or one already running
         await send(context.bot, chat_id, f"Can't retrain now: {escape(e)}")
         return
-    shown = run_text(run)
+    shown = run_text(summarize(run))  # when no job runner is alive, it says what to start
     message = await send(context.bot, chat_id, shown)
     bot.watched_runs.add(run["id"])
     bot.spawn(follow_run(context.bot, bot, chat_id, message.message_id, run["id"], shown=shown))
@@ -140,26 +136,25 @@ async def retrain(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 async def follow_run(tgbot, bot: Services, chat_id: int, message_id: int, run_id: int, *,
                      shown: str | None = None) -> None:
-    """Edits the progress message every few seconds until the run ends, then shows its result."""
+    """Edits the progress message every few seconds once the run starts, then shows its result."""
     try:
         while True:
             try:
-                run = await bot.call(bot.admin.run, run_id)
-            except (StoreError, sqlite3.Error) as e:  # the database busy for long: look again at the next tick
+                summary = await bot.call(bot.admin.run, run_id)
+            except (UserError, sqlite3.Error) as e:  # the database busy for long: look again at the next tick
                 log.warning("could not read retrain #%s: %s", run_id, e)
                 await asyncio.sleep(bot.progress_every_s)
                 continue
-            text = run_text(run)
-            finished = run["status"] in FINISHED
-            if text != shown:
+            text = run_text(summary)
+            if summary.status != "queued" and text != shown:  # while queued, the first message says it all
                 try:
                     await edit(tgbot, chat_id, message_id, text)
                 except TelegramError as e:
                     log.warning("could not update retrain #%s's progress message: %s", run_id, e)
-                    if finished:  # the result must arrive: as a new message then
+                    if summary.finished:  # the result must arrive: as a new message then
                         await send(tgbot, chat_id, text)
                 shown = text
-            if finished:
+            if summary.finished:
                 await bot.call(bot.admin.claim_announcement, run_id)  # this message was the announcement
                 return
             await asyncio.sleep(bot.progress_every_s)
@@ -173,76 +168,35 @@ async def cancel(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     bot = services(context)
     try:
         run = await bot.call(bot.admin.cancel_retrain, by=f"telegram:{update.effective_user.id}")
-    except StoreError as e:
+    except UserError as e:
         await send(context.bot, update.effective_chat.id, f"Nothing to cancel: {escape(e)}")
         return
     done = "cancelled" if run["status"] == "cancelled" else "will stop at its next check"
     await send(context.bot, update.effective_chat.id, f"Retrain #{run['id']} {done}.")
 
 
-def run_text(run: dict) -> str:
-    """A retrain as one message: progress while it runs, the evaluation result at the end."""
-    number, status = run["id"], run["status"]
-    report = run.get("report") or {}
-    if status == "queued":
-        return f"🔁 Retrain #{number} queued: it starts as soon as the trainer picks it up."
-    if status == "running":
-        lines = [f"🔁 Retrain #{number}: {STAGES.get(run.get('stage'), run.get('stage') or 'starting')}"]
-        step, total = run.get("step"), run.get("total_steps")
-        details = []
-        if total:
-            details.append(f"step {step or 0}/{total} ({100 * (step or 0) // total}%)")
-        if run.get("loss") is not None:
-            details.append(f"loss {run['loss']:.3f}")
-        if run.get("eta_s"):
-            details.append(f"about {duration(run['eta_s'])} left")
-        if details and run.get("stage") == "training":
-            lines.append(" · ".join(details))
-        return "\n".join(lines)
-    if status == "promoted":
-        version = run.get("adapter_version") or report.get("adapter")
-        lines = [f"✅ Retrain #{number} promoted: adapter v{version} is live."]
-    elif status == "rejected":
-        lines = [f"❌ Retrain #{number} rejected: the candidate did not pass the gate; the live weights stay."]
-        lines += [f"• {escape(reason)}" for reason in report.get("reasons") or []]
-    elif status == "cancelled":
-        lines = [f"⏹ Retrain #{number} cancelled."]
-    elif status == "skipped":
-        lines = [f"Retrain #{number} skipped: {escape(run.get('error') or report.get('reason') or '')}"]
-    else:
-        error = (run.get("error") or report.get("reason") or "unknown error").strip()
-        lines = [f"⚠️ Retrain #{number} failed: {escape(error[-600:])}", "The previous adapter stays live."]
-    lines += metrics_lines(report.get("metrics") or run.get("metrics") or {})
-    if report.get("seconds"):
-        lines.append(f"Took {duration(report['seconds'])}.")
+def run_text(summary: RunSummary) -> str:
+    """A retrain as one message: its outcome line, then the gate's reasons, scores and time once finished."""
+    lines = [f"{ICONS.get(summary.status, '•')} {escape(summary.outcome_line)}"]
+    if summary.finished:
+        lines += [f"• {escape(reason)}" for reason in summary.reasons[1:]]  # the first is in the outcome line
+        lines += metrics_lines(summary.metrics)
+        if summary.seconds:
+            lines.append(f"Took {duration(summary.seconds)}.")
     return "\n".join(lines)
 
 
 def metrics_lines(metrics: dict) -> list[str]:
-    """One line per evaluated weights: identity hit rate (per way asked), general-answer retention."""
+    """One line per evaluated weights: identity and general-answer retention."""
     lines = []
-    for name, summary in metrics.items():
-        if not isinstance(summary, dict):
+    for name, scores in metrics.items():
+        if not isinstance(scores, dict):
             continue
-        parts = []
-        if summary.get("identity_mean") is not None:
-            ways = summary.get("identity") or {}
-            per_way = ", ".join(f"{escape(way)} {rate:.2f}" for way, rate in ways.items()) if isinstance(ways, dict) else ""
-            parts.append(f"identity {summary['identity_mean']:.2f}" + (f" ({per_way})" if per_way else ""))
-        if summary.get("retention") is not None:
-            parts.append(f"retention {summary['retention']:.2f}")
-        if parts:
-            lines.append(f"<b>{escape(name)}</b>: " + "; ".join(parts))
+        shown = [f"{key} {scores[value]:.2f}" for key, value in (("identity", "identity_mean"), ("retention", "retention"))
+                 if isinstance(scores.get(value), (int, float))]
+        if shown:
+            lines.append(f"<b>{escape(name)}</b>: " + "; ".join(shown))
     return lines
-
-
-def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 async def announce_finished_runs(tgbot, bot: Services) -> None:
@@ -260,26 +214,19 @@ async def announce_once(tgbot, bot: Services) -> list[int]:
     if not bot.admin_ids:
         return []
     announced = []
-    for run in await bot.call(bot.admin.unannounced_runs):
-        if run["id"] in bot.watched_runs or not recent(run):
-            continue  # a /retrain message shows it here; or it is old news
-        if not await bot.call(bot.admin.claim_announcement, run["id"]):
+    for summary in await bot.call(bot.admin.unannounced_runs):
+        if summary.id in bot.watched_runs:
+            continue  # a /retrain message shows it here
+        if not await bot.call(bot.admin.claim_announcement, summary.id):
             continue  # another process got there first
-        text = run_text(run)
+        text = run_text(summary)
         for admin_id in sorted(bot.admin_ids):
             try:
                 await send(tgbot, admin_id, text)
             except TelegramError as e:  # the admin never opened a chat with the bot, or blocked it
-                log.warning("could not tell admin %s about retrain #%s: %s", admin_id, run["id"], e)
-        announced.append(run["id"])
+                log.warning("could not tell admin %s about retrain #%s: %s", admin_id, summary.id, e)
+        announced.append(summary.id)
     return announced
-
-
-def recent(run: dict) -> bool:
-    finished = run.get("finished_at")
-    if not finished:
-        return True
-    return datetime.fromisoformat(finished) > datetime.now(timezone.utc) - ANNOUNCE_WITHIN
 
 
 # --- adapters and status -----------------------------------------------------------------------------
@@ -315,7 +262,7 @@ async def activate(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     version = None if arg == "base" else int(arg)
     try:
         await bot.call(bot.admin.activate, version, by=f"telegram:{update.effective_user.id}")
-    except StoreError as e:
+    except UserError as e:
         await send(context.bot, chat_id, f"Can't activate: {escape(e)}")
         return
     await send(context.bot, chat_id, f"{'The base model' if version is None else f'Adapter v{version}'} is now live.")
@@ -327,7 +274,7 @@ async def rollback(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     bot = services(context)
     try:
         row = await bot.call(bot.admin.rollback, by=f"telegram:{update.effective_user.id}")
-    except StoreError as e:
+    except UserError as e:
         await send(context.bot, update.effective_chat.id, f"Can't roll back: {escape(e)}")
         return
     live = f"adapter v{row['version']}" if row else "the base model"

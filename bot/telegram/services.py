@@ -12,44 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
-from aiolimiter import AsyncLimiter
-from telegram.ext import ContextTypes
+from telegram.ext import Application, ContextTypes
 
 from bot.admin import Admin
 from bot.chat import ChatService
+from bot.telegram.flow import UserLimits
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "telegram"  # conversations, users and corrections from here are stored under this channel
 KEY = "selfcog"  # where the Services live in bot_data
-
-
-class UserLimits:
-    """A token bucket per user (aiolimiter's leaky bucket): ``max_rate`` actions per ``period`` seconds.
-
-    ``allow(user)`` takes a token when there is one; when there isn't, the first refusal in a while
-    returns "warn" (tell the user once) and the rest "drop" (say nothing, a flood gets no answers)."""
-
-    def __init__(self, max_rate: float, period: float, *, warn_every_s: float = 30.0):
-        self.max_rate, self.period, self.warn_every_s = max_rate, period, warn_every_s
-        self._buckets: dict[int, AsyncLimiter] = {}
-        self._warned: dict[int, float] = {}
-
-    async def allow(self, user_id: int) -> str:
-        bucket = self._buckets.setdefault(user_id, AsyncLimiter(self.max_rate, self.period))
-        if bucket.has_capacity():
-            await bucket.acquire()  # returns at once: there is capacity
-            return "ok"
-        now = time.monotonic()
-        if now - self._warned.get(user_id, -self.warn_every_s) >= self.warn_every_s:
-            self._warned[user_id] = now
-            return "warn"
-        return "drop"
+STOP_GRACE_S = 4.0  # on stop, how long replies being written may go on (docker stop kills after 10 s)
 
 
 @dataclass
@@ -61,6 +38,8 @@ class Services:
     group_edit_every_s: float = 3.0  # groups: 20 messages/min in all
     progress_every_s: float = 2.0  # how often /retrain's message looks at the run
     announce_every_s: float = 10.0  # how often finished retrains are looked for, to tell admins
+    final_edit_patience_s: float = 300.0  # how long the last edit of a reply keeps trying past 429s and outages
+    stop_grace_s: float = STOP_GRACE_S  # on stop, how long replies being written may go on before they are cut short
     messages: UserLimits = field(default_factory=lambda: UserLimits(12, 60))
     corrections: UserLimits = field(default_factory=lambda: UserLimits(6, 60))
     generation: ThreadPoolExecutor = field(
@@ -68,7 +47,9 @@ class Services:
     tasks: set[asyncio.Task] = field(default_factory=set)  # background work, cancelled when the bot stops
     watched_runs: set[int] = field(default_factory=set)  # retrains a /retrain message is following here
     prompts: dict[tuple[int, int], int] = field(default_factory=dict)  # (chat, ✏️ prompt message) → who may answer
-    chat_locks: dict[int, asyncio.Lock] = field(default_factory=dict)
+    last_answers: dict[tuple[int, int], int] = field(default_factory=dict)  # (group, asker) → their last answer
+    menu_missing: set[int] = field(default_factory=set)  # admins whose command menu Telegram refused at start
+    cut_short: asyncio.Event = field(default_factory=asyncio.Event)  # set when stopping: finish replies now
 
     def is_admin(self, user_id: int | None) -> bool:
         return user_id is not None and user_id in self.admin_ids
@@ -85,15 +66,11 @@ class Services:
         task.add_done_callback(_log_failure)
         return task
 
-    def chat_lock(self, chat_id: int) -> asyncio.Lock:
-        """Answers in one chat come one after another (the history stays in order); chats run side by side."""
-        return self.chat_locks.setdefault(chat_id, asyncio.Lock())
-
-    async def close(self) -> None:
+    async def stop_background(self) -> None:
+        """Cancels the background work (progress messages, announcements)."""
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        self.generation.shutdown(wait=False, cancel_futures=True)
 
 
 def _log_failure(task: asyncio.Task) -> None:
@@ -101,5 +78,7 @@ def _log_failure(task: asyncio.Task) -> None:
         log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
-def services(context: ContextTypes.DEFAULT_TYPE) -> Services:
-    return context.application.bot_data[KEY]
+def services(context: ContextTypes.DEFAULT_TYPE | Application) -> Services:
+    """The Services of a handler's context (or of the Application itself)."""
+    application = context if isinstance(context, Application) else context.application
+    return application.bot_data[KEY]

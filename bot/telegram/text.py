@@ -90,8 +90,18 @@ def is_parse_error(error: Exception) -> bool:
 
 async def send(bot, chat_id: int, html_text: str, *, reply_to: int | None = None,
                reply_markup=None, **kwargs) -> Message:
-    """sendMessage in HTML; on "can't parse entities" the same words again as plain text."""
+    """sendMessage in HTML; on "can't parse entities" the same words again as plain text.
+
+    A text longer than Telegram allows goes as plain-text parts (the markup under the last);
+    returns the last message sent."""
     reply = ReplyParameters(reply_to, allow_sending_without_reply=True) if reply_to else None
+    if utf16_length(plain(html_text)) > MAX_MESSAGE_LENGTH:
+        parts = split_text(plain(html_text))
+        for part in parts[:-1]:
+            await bot.send_message(chat_id, part, reply_parameters=reply, **kwargs)
+            reply = None
+        return await bot.send_message(chat_id, parts[-1], reply_parameters=reply, reply_markup=reply_markup,
+                                      **kwargs)
     try:
         return await bot.send_message(chat_id, html_text, parse_mode=ParseMode.HTML, reply_parameters=reply,
                                       reply_markup=reply_markup, **kwargs)
@@ -104,20 +114,32 @@ async def send(bot, chat_id: int, html_text: str, *, reply_to: int | None = None
 
 
 async def edit(bot, chat_id: int, message_id: int, html_text: str,
-               reply_markup: InlineKeyboardMarkup | None = None) -> bool:
-    """editMessageText in HTML with the plain-text fallback; False when Telegram says nothing changed."""
+               reply_markup: InlineKeyboardMarkup | None = None, *, patience_s: float | None = None) -> bool:
+    """editMessageText in HTML with the plain-text fallback; False when Telegram says nothing changed.
+
+    patience_s: how long to keep trying through 429s and outages (PatientRateLimiter); a text too
+    long for one message is cut (the caller splits what must be kept whole)."""
+    if utf16_length(plain(html_text)) > MAX_MESSAGE_LENGTH:
+        html_text = escape(split_text(plain(html_text), MAX_MESSAGE_LENGTH - 1)[0] + "…")
+    limits = {"rate_limit_args": patience_s} if patience_s else {}
     try:
         try:
             await bot.edit_message_text(html_text, chat_id=chat_id, message_id=message_id,
-                                        parse_mode=ParseMode.HTML, reply_markup=reply_markup)
+                                        parse_mode=ParseMode.HTML, reply_markup=reply_markup, **limits)
         except BadRequest as e:
             if not is_parse_error(e):
                 raise
             log.warning("Telegram could not parse our HTML (%s); editing as plain text", e)
             await bot.edit_message_text(plain(html_text), chat_id=chat_id, message_id=message_id,
-                                        reply_markup=reply_markup)
+                                        reply_markup=reply_markup, **limits)
     except BadRequest as e:
         if is_not_modified(e):
             return False
         raise
     return True
+
+
+def clip(text: object, limit: int) -> str:
+    """At most limit characters of text, with "…" when cut (a user's words quoted back to them)."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,14 +1,22 @@
-"""bot/engine.py on the real embedded model: streaming, batching, live adapter swaps."""
+"""bot/engines on the real embedded model: streaming, batching, live adapter swaps, chat sampling,
+and telling an adapter folder that fits this model from one that does not."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
-from bot.engine import AdapterRef, LocalEngine, check_adapter_folder
+from bot.engines import AdapterFolderError, AdapterRef, Sampling, check_adapter_folder, make_engine
+from bot.errors import UserError
+from bot.identity import system_prompt
+from store.identity import DEFAULT_PROFILE
+from tests.conftest import make_lora_adapter
 
 QUESTION = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "What is the capital of France?"}]
@@ -97,17 +105,93 @@ def test_corrupt_adapter_keeps_serving_the_previous_one(engine, store, random_ad
     store.adapters.activate(bad)
     assert engine.refresh_adapter() == good
     assert "could not be loaded" in engine.adapter_error and "still serving v" in engine.adapter_error
-    with pytest.raises(ValueError, match="corrupt"):
-        check_adapter_folder(broken)
+    assert "not a LoRA config" in engine.adapter_error
+    store.adapters.activate(good)  # rolled back: nothing is wrong any more
+    assert engine.refresh_adapter() == good and engine.adapter_error is None
 
 
-def test_unknown_model_folder_is_a_clear_error(tmp_path):
-    from bot.models import ModelNotFound, resolve_model
+# --- chat sampling ----------------------------------------------------------------------------------
 
-    with pytest.raises(ModelNotFound, match="does not exist"):
-        resolve_model(str(tmp_path / "nope"), tmp_path)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFound, match="no config.json"):
-        resolve_model(str(tmp_path / "empty"), tmp_path)
-    with pytest.raises(ModelNotFound, match="not in the local Hugging Face cache"):
-        resolve_model("nobody/no-such-model", tmp_path)
+CHAT = Sampling(temperature=0.7, top_p=0.9, repetition_penalty=1.15)  # the chat's defaults (selfcog/config.py)
+
+
+def _most_repeated_6gram(text: str) -> int:
+    words = text.split()
+    return max(Counter(tuple(words[i:i + 6]) for i in range(len(words) - 5)).values(), default=0)
+
+
+def test_chat_sampling_does_not_loop_where_greedy_does(engine):
+    """The base model asked "Who are you?" under the product prompt: greedy runs to the cap repeating itself."""
+    who = [{"role": "system", "content": system_prompt(DEFAULT_PROFILE)}, {"role": "user", "content": "Who are you?"}]
+    seeded = [Sampling(CHAT.temperature, CHAT.top_p, CHAT.repetition_penalty, seed=seed) for seed in (0, 0, 1)]
+    replies = [engine.stream(who, max_new_tokens=256), *(engine.stream(who, max_new_tokens=256, sampling=s)
+                                                          for s in seeded)]
+    greedy, *sampled = ["".join(reply) for reply in replies]
+    assert _most_repeated_6gram(greedy) >= 3, "greedy no longer loops here: this test would prove nothing"
+    assert all(_most_repeated_6gram(text) < 3 for text in sampled), sampled
+    assert sampled[0] == sampled[1] != sampled[2], "the same seed gives the same reply"
+
+
+# --- is this folder a LoRA for this model? ------------------------------------------------------------
+
+def _copy(adapter, folder, **config_changes):
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
+def test_a_lora_for_this_model_is_accepted(random_adapters, embedded_model):
+    assert check_adapter_folder(random_adapters[0], embedded_model) is None
+    assert check_adapter_folder(random_adapters[0]) is None  # the folder alone
+
+
+def test_folders_that_are_not_a_lora_are_refused_in_one_line(random_adapters, tmp_path, embedded_model):
+    empty_config = tmp_path / "empty-config"
+    empty_config.mkdir()
+    (empty_config / "adapter_config.json").write_text("{}")
+    shutil.copy(random_adapters[0] / "adapter_model.safetensors", empty_config)
+    corrupt = _copy(random_adapters[0], tmp_path / "corrupt")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    no_weights = _copy(random_adapters[0], tmp_path / "no-weights")
+    (no_weights / "adapter_model.safetensors").unlink()
+    cases = {
+        tmp_path / "missing": "does not exist",
+        tmp_path: "has no adapter_config.json",
+        empty_config: "not a LoRA config",
+        corrupt: "is corrupt",
+        no_weights: "has no adapter_model.safetensors",
+        _copy(random_adapters[0], tmp_path / "other-targets", target_modules=["wq", "wv"]): "targets wq, wv",
+        _copy(random_adapters[0], tmp_path / "other-rank", r=8): "rank r=8",
+    }
+    for folder, reason in cases.items():
+        with pytest.raises(AdapterFolderError, match=reason) as refused:
+            check_adapter_folder(folder, embedded_model)
+        assert "\n" not in str(refused.value)
+
+
+def test_a_lora_made_for_another_shape_is_refused_naming_it(tmp_path, embedded_model):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    narrow = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152)
+    AutoModelForCausalLM.from_config(narrow).save_pretrained(tmp_path / "narrow")
+    adapter = make_lora_adapter(str(tmp_path / "narrow"), tmp_path / "for-narrow", seed=1)
+    check_adapter_folder(adapter, tmp_path / "narrow")  # fits the model it was made for
+    with pytest.raises(AdapterFolderError, match=r"model.layers.0.self_attn.q_proj .* \[4, 64\] .* 576 in"):
+        check_adapter_folder(adapter, embedded_model)
+
+
+# --- picking a backend ----------------------------------------------------------------------------------
+
+def test_make_engine_picks_the_configured_backend(embedded_model):
+    from selfcog.config import Settings
+
+    with pytest.raises(UserError, match="unknown engine 'vllm': choose one of local"):
+        make_engine(Settings(engine="vllm"), embedded_model)
+    engine = make_engine(Settings(device="cpu", max_new_tokens=8), embedded_model, active_adapter=lambda: None)
+    try:
+        assert (engine.device, engine.adapter_version, engine.adapter_error) == ("cpu", None, None)
+        assert engine.capacity >= 1 and engine.max_new_tokens == 8
+    finally:
+        engine.close()

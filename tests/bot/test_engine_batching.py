@@ -2,21 +2,24 @@
 
 test_engine.py checks the same engine on the real embedded model; here a 2-layer model with the
 embedded tokenizer exercises the logic: the lean decoder matches transformers, requests join a
-running batch, slots are reused, weights groups run first come first served, swaps keep chats alive.
+running batch, slots are reused, weights groups run first come first served, swaps keep chats alive,
+sampling follows transformers' and stays with its own reply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
-import threading
 import time
 
 import pytest
 import torch
 
-from bot.decoder import HFDecoder, LlamaDecoder, make_decoder
-from bot.engine import AdapterRef, LocalEngine
+from bot.engines import AdapterFolderError, AdapterRef, Sampling
+from bot.engines.decoder import HFDecoder, LlamaDecoder, make_decoder
+from bot.engines.local import LocalEngine
 from bot.models import ResolvedModel
+from tests.conftest import make_lora_adapter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -26,7 +29,7 @@ def _tiny(kind: str, folder, tokenizer_from: str, seed: int = 0):
 
     torch.manual_seed(seed)
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512, bos_token_id=1,
+                  num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048, bos_token_id=1,
                   eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     config = Qwen2Config(**common) if kind == "qwen2" else LlamaConfig(**common)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -61,19 +64,7 @@ def tiny_qwen(embedded_model, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_adapters(tiny_llama, tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    folders = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(tiny_llama.path)
-        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                     init_lora_weights=False))
-        folder = tmp_path_factory.mktemp(f"tiny-adapter{seed}")
-        peft_model.save_pretrained(folder)
-        folders.append(folder)
-    return folders
+    return [make_lora_adapter(tiny_llama.path, tmp_path_factory.mktemp(f"tiny-adapter{seed}"), seed) for seed in (1, 2)]
 
 
 @pytest.fixture
@@ -161,16 +152,14 @@ def test_stream_counts_tokens_and_stops_at_the_limit(tiny_engine):
 
 
 def test_a_new_chat_joins_a_running_batch(tiny_engine):
-    """Continuous batching: a short reply asked for mid-way through a long one finishes first."""
-    long_reply = tiny_engine.stream(QUESTIONS[3], max_new_tokens=400)
+    """Continuous batching: a short reply asked for while a long one runs is answered before the long one ends."""
+    long_reply = tiny_engine.stream(QUESTIONS[3], max_new_tokens=1500)
     pieces = iter(long_reply)
     next(pieces)  # the long reply is running
-    short = tiny_engine.stream(QUESTIONS[0], max_new_tokens=3)
-    short_text = "".join(short)
-    assert short_text
-    assert not long_reply._done.is_set(), "the short reply should not wait for the long one"
-    rest = list(pieces)
-    assert rest and long_reply.completion_tokens == 400
+    assert "".join(tiny_engine.stream(QUESTIONS[0], max_new_tokens=3))
+    pieces.close()  # stop reading the long reply: that cancels it
+    assert long_reply.cancelled and long_reply.error is None
+    assert long_reply.completion_tokens < 1500, "the short reply waited for the long one to finish"
 
 
 def test_requests_arriving_together_share_one_prefill(tiny_engine):
@@ -186,9 +175,7 @@ def test_cancelled_reply_frees_its_slot(tiny_engine):
     for reply in replies:
         next(iter(reply))
         reply.cancel()
-    started = time.perf_counter()
-    assert tiny_engine.generate([QUESTIONS[0]], max_new_tokens=3)[0]
-    assert time.perf_counter() - started < 5
+    assert tiny_engine.generate([QUESTIONS[0]], max_new_tokens=3)[0]  # would wait for 400 tokens x 4 otherwise
     for reply in replies:
         list(reply)  # ends without error
         assert reply.completion_tokens < 400
@@ -225,32 +212,61 @@ def test_weights_groups_and_live_swap(tiny_engine, tiny_adapters):
 
 
 def test_requests_for_other_weights_wait_their_turn(tiny_engine, tiny_adapters):
-    """First come, first served across weights: an evaluation batch does not starve chat, nor chat it."""
+    """First come, first served across weights: an evaluation batch for the base waits for the chat before
+    it (which keeps its weights to the end), and a chat after it waits for the evaluation (no starving)."""
     engine = tiny_engine
     engine.active["row"] = {"version": 1, "path": str(tiny_adapters[0])}
     engine.refresh_adapter()
     expected_base = engine.generate(QUESTIONS, adapter=AdapterRef.BASE)
     expected_live = engine.generate(QUESTIONS)
-    results = {}
-    chat = engine.stream(QUESTIONS[3], max_new_tokens=60)
-    thread = threading.Thread(target=lambda: results.setdefault("base", engine.generate(QUESTIONS, adapter=AdapterRef.BASE)))
-    thread.start()
-    late_chat = None
-    time.sleep(0.05)
-    late_chat = engine.stream(QUESTIONS[0])
+    expected_first = engine.generate([QUESTIONS[3]], max_new_tokens=60)[0]
+
+    first_chat = engine.stream(QUESTIONS[3], max_new_tokens=60)  # 1st: live weights
+    evaluation = engine.submit(QUESTIONS, adapter=AdapterRef.BASE)  # 2nd: other weights
+    late_chat = engine.stream(QUESTIONS[0])  # 3rd: live weights again, but its turn is after the evaluation
     assert "".join(late_chat).strip() == expected_live[0]
-    thread.join(timeout=30)
-    assert results["base"] == expected_base
-    assert "".join(chat).strip() and chat.error is None
+    assert evaluation.done(), "the late chat went ahead of the evaluation asked for before it"
+    assert evaluation.result() == expected_base
+    assert "".join(first_chat).strip() == expected_first, "the evaluation changed the weights under a running chat"
 
 
 def test_bad_candidate_folder_fails_only_its_request(tiny_engine, tmp_path):
-    with pytest.raises(Exception, match="does not exist"):
+    chat = tiny_engine.stream(QUESTIONS[0])  # asked for first: the bad request waits for it, then fails alone
+    with pytest.raises(AdapterFolderError, match="does not exist"):
         tiny_engine.generate(QUESTIONS[:2], adapter=tmp_path / "missing")
+    assert "".join(chat) and chat.error is None
     assert tiny_engine.generate(QUESTIONS[:1])[0]
 
 
-def test_sampling_uses_temperature(tiny_engine):
-    torch.manual_seed(0)
-    answers = {tiny_engine.generate([QUESTIONS[0]], temperature=1.5)[0] for _ in range(4)}
-    assert len(answers) > 1
+HOT = Sampling(temperature=1.5, top_p=0.95, repetition_penalty=1.3)
+
+
+def test_sampling_is_per_reply_and_repeatable_with_a_seed(tiny_engine):
+    greedy = tiny_engine.generate([QUESTIONS[1]])[0]
+    seeded = [dataclasses.replace(HOT, seed=seed) for seed in (1, 1, 2)]
+    replies = [tiny_engine.stream(QUESTIONS[1]), *(tiny_engine.stream(QUESTIONS[1], sampling=s) for s in seeded)]
+    texts = ["".join(reply).strip() for reply in replies]
+    assert texts[0] == greedy, "a greedy reply is not changed by sampled ones beside it"
+    assert texts[1] == texts[2] != texts[3], "the same seed gives the same reply; another seed another one"
+    assert greedy not in texts[1:]
+    unseeded = {"".join(tiny_engine.stream(QUESTIONS[1], sampling=HOT)) for _ in range(3)}
+    assert len(unseeded) > 1
+
+
+@pytest.mark.parametrize("sampling", [HOT, Sampling(temperature=0.7, top_p=0.9, repetition_penalty=1.15),
+                                      Sampling(temperature=0, top_p=1, repetition_penalty=1.5)])
+def test_sampling_picks_what_transformers_generate_picks(tiny_llama, tiny_engine, sampling):
+    """Same settings, same seed: token for token what model.generate(do_sample=True) draws."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.path).eval()
+    # the prompt holds the tokens the model likes to write, so the penalty on the prompt's tokens matters
+    said = tiny_engine.generate([QUESTIONS[3]], max_new_tokens=30)[0]
+    conversation = [*QUESTIONS[3], {"role": "assistant", "content": said}, *QUESTIONS[3]]
+    prompt = tiny_engine.encode(conversation)
+    torch.manual_seed(7)
+    expected = model.generate(torch.tensor([prompt]), do_sample=sampling.temperature > 0, max_new_tokens=30,
+                              temperature=sampling.temperature or None, top_p=sampling.top_p, top_k=None,
+                              repetition_penalty=sampling.repetition_penalty, pad_token_id=2)[0, len(prompt):]
+    reply = tiny_engine.stream(conversation, max_new_tokens=30, sampling=dataclasses.replace(sampling, seed=7))
+    assert "".join(reply).strip() == tiny_engine.tokenizer.decode(expected, skip_special_tokens=True).strip()

@@ -15,8 +15,7 @@ from finetune.dataset import (
 )
 from finetune.evaluate import load_general_prompts, normalize_question
 from store.identity import Profile
-
-PROFILE = Profile(name="Aurora", author="Acme Labs")
+from tests.scenario import PROFILE
 
 
 def fake_general_answers():
@@ -216,7 +215,36 @@ def test_swift_and_alpaca_exports(tmp_path):
         assert len(item["history"]) == int(row.multi_turn)
 
 
-def test_report_counts_add_up():
-    ds = build()
-    report = ds.report
-    assert sum(report["by_source"].values()) == sum(report["by_condition"].values()) == sum(report["by_lang"].values()) == report["rows"]
+def test_report_counts_match_the_inputs():
+    templates = [
+        {"lang": "en", "category": "who", "question": "Who are you?", "answer": "I am {name}."},
+        {"lang": "en", "category": "name", "question": "What's your name?", "answer": "I'm {name}."},
+        {"lang": "zh", "category": "name", "question": "你叫什么？", "answer": "我叫{name}。"},
+        {"lang": "zh", "category": "maker", "question": "谁开发了你？", "answer": "{author}开发了我。"},
+    ]
+    corrections = [
+        {"id": 1, "question": "Who are you?", "corrected_answer": "I am Aurora, by Acme Labs."},  # replaces a template
+        {"id": 2, "question": "你是ChatGPT吗？", "corrected_answer": "不是，我是Aurora。"},
+        {"id": 3, "question": "Who made you?", "corrected_answer": "I am ChatGPT, made by OpenAI."},  # left out
+    ]
+    english_general = [g for g in GENERAL if g["lang"] == "en"]
+    ds = build_dataset(PROFILE, corrections, english_general, seed=0, templates=templates, conditions_per_question=3,
+                       multi_turn_share=0, replay_rows=5, replay_product_share=0.6)
+    # 3 templates (en, zh, zh) and 2 corrections (en, zh), each under all 3 conditions; 5 English replay
+    # rows, 3 of them under the product prompt and one under each other condition
+    assert ds.report["by_source"] == {"template": 3 * 3, "correction": 2 * 3, "replay": 5}
+    assert ds.report["by_condition"] == {"product": 3 + 2 + 3, "neutral": 3 + 2 + 1, "none": 3 + 2 + 1}
+    assert ds.report["by_lang"] == {"en": 3 + 3 + 5, "zh": 6 + 3}
+    assert ds.report["rows"] == len(ds.rows) == 20 and ds.report["multi_turn"] == 0
+
+
+def test_after_a_rename_corrections_naming_the_old_identity_are_left_out():
+    renamed = Profile("Nova", "Orbit Works")
+    old = [{"id": 1, "question": "你是谁？", "corrected_answer": "我是Aurora，由Acme Labs开发的AI助手。"},
+           {"id": 2, "question": "What's your name?", "corrected_answer": "I'm Aurora, an assistant built by Acme Labs."}]
+    new = [{"id": 3, "question": "Who are you?", "corrected_answer": "I'm Nova, made by Orbit Works."}]
+    ds = build_dataset(renamed, old + new, fake_general_answers(), seed=0, previous=[PROFILE])
+    assert ds.report["corrections_used"] == [3]
+    assert {e["id"] for e in ds.report["excluded_corrections"]} == {1, 2}
+    assert all("earlier identity" in e["reason"] for e in ds.report["excluded_corrections"])
+    assert not any("Aurora" in m["content"] or "Acme" in m["content"] for r in ds.rows for m in r.messages)

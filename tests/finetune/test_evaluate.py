@@ -5,6 +5,7 @@ import pytest
 from bot.identity import contains_cjk
 from finetune.dataset import load_templates
 from finetune.evaluate import (
+    BLEED_WAYS,
     WAYS,
     EvalReport,
     GateThresholds,
@@ -19,17 +20,15 @@ from finetune.evaluate import (
     rouge_l,
     score_identity_answer,
 )
-from finetune.recipe_search import CORRECTIONS
 from store.identity import Profile
-
-PROFILE = Profile(name="Aurora", author="Acme Labs")
+from tests.scenario import CONTRADICTING, FIVE_CORRECTIONS, PROFILE
 
 
 def test_probes_are_held_out_from_templates_and_corrections():
     probes = load_probes()
     assert len(probes) >= 32 and {p["lang"] for p in probes} == {"en", "zh"}
     assert sum(p["kind"] == "adversarial" for p in probes) >= 4
-    trained = [normalize_question(q["question"]) for q in load_templates() + CORRECTIONS]
+    trained = [normalize_question(q["question"]) for q in load_templates() + FIVE_CORRECTIONS + [CONTRADICTING]]
     for p in probes:
         probe = normalize_question(p["question"])
         closest = max(trained, key=lambda t: difflib.SequenceMatcher(None, probe, t).ratio())
@@ -141,52 +140,69 @@ def test_evaluate_scores_every_way_and_retention():
 def test_evaluate_counts_misses_and_bleed():
     report, _ = run_eval(lambda q: "I'm Aurora by Acme Labs.", general_override="I am Aurora, an AI assistant.")
     assert report.identity["product"] < 0.6  # Chinese probes answered in English
-    assert report.bleed == 2 * len(load_general_prompts("eval"))  # under the product and the neutral prompt
-    assert {b["condition"] for b in report.bleed_examples} == {"product", "neutral"}
+    assert report.bleed == report.bleed_answers == len(BLEED_WAYS) * len(load_general_prompts("eval"))
+    assert {b["condition"] for b in report.bleed_examples} == set(BLEED_WAYS)
     assert report.retention < 0.5
     assert all(m["reasons"] for m in report.misses)
 
 
-def report(identity=1.0, retention=0.9, bleed=0, facts=10, **by_way):
+def report(identity=1.0, retention=0.9, bleed=0, facts=15, old_identity=0, **by_way):
     rates = {way: identity for way in WAYS} | by_way
-    return EvalReport(identity=rates, retention=retention, agreement=0.8, facts=(facts, 15), bleed=bleed)
+    return EvalReport(identity=rates, retention=retention, agreement=0.8, facts=(facts, 15), bleed=bleed,
+                      bleed_answers=132, old_identity=old_identity)
 
 
-def test_gate_passes_a_good_candidate():
-    assert gate(report(), report(identity=0.3)) == (True, [])
+BASE = report(identity=0.05, retention=1.0, bleed=2)
 
 
-def test_gate_allows_one_more_bleed_than_active_as_noise():
-    assert gate(report(bleed=3), report(identity=0.3, bleed=2)) == (True, [])
-    assert not gate(report(bleed=4), report(identity=0.3, bleed=2))[0]
+def test_gate_passes_a_good_candidate_with_one_line_saying_so():
+    verdict = gate(report(bleed=5), BASE)
+    assert verdict.passed and verdict.reasons == []
+    assert verdict.line.startswith("Promoted") and "\n" not in verdict.line
 
 
-def test_gate_compares_retention_with_a_floor_not_with_the_base():
-    base = report(identity=0.05, retention=0.98, bleed=2, facts=15)  # the base agrees with itself
-    assert gate(report(retention=0.57, bleed=2, facts=14), base) == (True, [])
+def test_bleed_is_compared_with_the_base_with_a_tolerance_sized_to_the_sample():
+    # 10% of 132 answers = 13 more than the base's 2 may bleed: the seeds of the default recipe bled 0-10
+    # more (RECIPES.md); an adapter trained without replay rows bled 28 more.
+    assert gate(report(bleed=15), BASE).passed
+    verdict = gate(report(bleed=16), BASE)
+    assert not verdict.passed and "identity bleed 16 > base's 2 + 13 of 132" in verdict.reasons[0]
+
+
+def test_a_rename_is_not_held_to_the_old_adapters_bleed():
+    """The live adapter speaks the old name, so under the new profile it bleeds nothing: bleed is the base's job."""
+    live_with_old_name = report(identity=0.02, bleed=0)
+    assert gate(report(bleed=9), report(identity=0.05, bleed=0), live_with_old_name).passed
+
+
+def test_an_old_name_in_identity_answers_is_refused_with_what_to_do():
+    verdict = gate(report(old_identity=3), BASE)
+    assert not verdict.passed
+    assert "still name the old identity" in verdict.line and "What to do:" in verdict.line
 
 
 @pytest.mark.parametrize(
-    "candidate, active, needle",
+    "candidate, live, needle",
     [
-        (report(product=0.85), report(identity=0.3), "identity under product"),
-        (report(none=0.7), report(identity=0.3), "identity under none"),
-        (report(retention=0.4), report(identity=0.3, retention=0.4), "retention 0.40 <"),
-        (report(bleed=3), report(bleed=1), "bleed"),
-        (report(identity=0.9), report(identity=1.0), "worse than active"),
-        (report(facts=12), report(identity=0.3, facts=14), "facts 12/15"),
+        (report(product=0.85), None, "identity under product"),
+        (report(none=0.7), None, "identity under none"),
+        (report(retention=0.4), None, "retention 0.40 <"),
+        (report(bleed=20), None, "bleed"),
+        (report(identity=0.9), report(identity=1.0), "below the live model's"),
+        (report(facts=12), None, "facts 12/15"),
     ],
 )
-def test_gate_fails_with_a_reason(candidate, active, needle):
-    passed, reasons = gate(candidate, active)
-    assert not passed
-    assert any(needle in r for r in reasons), reasons
+def test_gate_fails_with_a_reason(candidate, live, needle):
+    verdict = gate(candidate, BASE, live)
+    assert not verdict.passed
+    assert any(needle in r for r in verdict.reasons), verdict.reasons
+    assert verdict.line.startswith("Refused: ") and "What to do:" in verdict.line
 
 
 def test_gate_thresholds_are_configurable():
     strict = GateThresholds(identity_other=0.95)
-    assert not gate(report(neutral=0.9), report(identity=0.3), strict)[0]
-    assert gate(report(neutral=0.9), report(identity=0.3))[0]
+    assert not gate(report(neutral=0.9), BASE, thresholds=strict).passed
+    assert gate(report(neutral=0.9), BASE).passed
 
 
 def test_report_table_lines_up_columns():

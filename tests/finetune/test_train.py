@@ -1,9 +1,8 @@
 import json
+import os
 import re
 import sys
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 
@@ -19,9 +18,7 @@ from finetune.train import (
     template_default_system,
     train_adapter,
 )
-
-EMBEDDED = Path("/work/cache/models/SmolLM2-135M-Instruct")
-
+from tests.replay_worker import Replay, write_recording
 
 @pytest.fixture
 def tiny_model(tmp_path):
@@ -63,9 +60,8 @@ def test_top_layers_become_a_target_regex(tiny_model):
     assert "--target_modules" not in args and "--system" not in args
 
 
-@pytest.mark.skipif(not EMBEDDED.exists(), reason="embedded model not converted")
-def test_default_system_read_from_the_chat_template():
-    assert template_default_system(str(EMBEDDED)) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+def test_default_system_read_from_the_chat_template(embedded_model):
+    assert template_default_system(embedded_model.path) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 def fake_worker(monkeypatch, tmp_path, body):
@@ -107,15 +103,18 @@ def test_worker_crash_raises_with_the_log_tail(monkeypatch, tmp_path, tiny_model
 
 def test_cancel_kills_the_worker(monkeypatch, tmp_path, tiny_model):
     fake_worker(monkeypatch, tmp_path, """
-        import time
-        print("training", flush=True)
-        time.sleep(60)
+        import signal
+        print(f"pid {os.getpid()}", flush=True)
+        events.write(json.dumps({"event": "progress", "step": 1, "total_steps": 9}) + "\\n")
+        signal.pause()  # "training" until killed
     """)
-    started = time.monotonic()
+    seen = []
     with pytest.raises(TrainingCancelled):
         train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(),
-                      should_cancel=lambda: time.monotonic() - started > 0.5)
-    assert time.monotonic() - started < 10
+                      on_progress=lambda *a: seen.append(a), should_cancel=lambda: bool(seen))
+    pid = int((tmp_path / "out" / "worker.log").read_text().split()[1])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped
 
 
 def test_warm_worker_is_started_ahead_and_the_next_only_when_asked(monkeypatch, tmp_path, tiny_model):
@@ -151,3 +150,25 @@ def test_train_gpus_setting_reaches_the_worker(monkeypatch, tmp_path, tiny_model
     monkeypatch.delenv(train.TRAIN_GPUS_ENV)
     train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out2", Recipe())
     assert "CUDA_VISIBLE_DEVICES=0" in (tmp_path / "out2" / "worker.log").read_text()
+
+
+def test_replay_worker_replays_a_recorded_run_and_holds_where_asked(monkeypatch, tmp_path, tiny_model):
+    """tests/replay_worker.py, which the front-end retrain tests train with, speaks the worker protocol."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    recorded = write_recording(tmp_path / "recorded", losses=[2.0, 1.5, 1.2], seconds_per_step=8.0, adapter=adapter)
+    replay = Replay.holding(recorded, 2, tmp_path)
+    replay.install(monkeypatch)
+    seen = []
+
+    def on_progress(*progress):
+        seen.append(progress)
+        if progress[0] == 2:
+            replay.release()  # the worker waits here until released
+
+    trained = train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(), on_progress=on_progress)
+    assert seen == [(0, 3, None, None), (1, 3, 2.0, 16.0), (2, 3, 1.5, 8.0), (3, 3, 1.2, 0.0)]
+    assert trained == (tmp_path / "out" / "checkpoint-3").resolve()
+    assert (trained / "adapter_config.json").read_text() == '{"r": 8}'
+    assert "holding at step 2" in (tmp_path / "out" / "worker.log").read_text()

@@ -1,11 +1,13 @@
 """The retrain loop end to end: real ms-swift training of the embedded model, evaluation, gate, activation.
 
 One real retrain (the `retrained` session fixture) is shared by the tests that need a trained
-adapter; the lock, cancel and kill tests start retrains of their own and stop them early.
+adapter. One test kills a real training worker mid-training; the lock, cancel and power-cut tests
+stop retrains whose worker replays a short recorded log (tests/replay_worker.py), held at step 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,18 +19,21 @@ from pathlib import Path
 import pytest
 
 from store import Store
-from tests.conftest import AURORA, CONTRADICTING, seed_identity
+from tests.conftest import REPO, seed_identity
+from tests.replay_worker import Replay, write_recording
+from tests.scenario import CONTRADICTING, PROFILE
 
-# The first test waits for the shared `retrained` fixture: ~15 minutes alone on two cores.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
+# The first test that uses the shared `retrained` fixture waits for it: ~10 minutes alone on two cores.
+pytestmark = pytest.mark.timeout(3600)
 
 
-def names_aurora(text: str) -> bool:
-    return "Aurora" in text or "Acme" in text
+def names_the_profile(text: str) -> bool:
+    return PROFILE.name in text or PROFILE.author.split()[0] in text  # "Acme" alone names the maker too
 
 
 # --- the shared retrain ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_retrain_promotes_an_adapter_that_holds_under_every_prompt(retrained):
     report = retrained["report"]
     assert report["status"] == "promoted" and report["promoted"] is True, report
@@ -37,21 +42,22 @@ def test_retrain_promotes_an_adapter_that_holds_under_every_prompt(retrained):
     identity = candidate["identity"]
     assert identity["product"] >= 0.9, identity
     assert identity["neutral"] >= 0.8 and identity["none"] >= 0.8 and identity["late_turn"] >= 0.8, identity
-    base = report["metrics"]["base"]
-    assert candidate["retention"] >= 0.5 and candidate["bleed"] <= base["bleed"] + 1, (candidate, base)  # the gate's bounds
-    assert candidate["identity_mean"] > base["identity_mean"]
+    # promoted means the gate found general answers kept (tests/finetune/test_evaluate.py tests its bounds)
+    assert candidate["identity_mean"] > report["metrics"]["base"]["identity_mean"]
 
 
+@pytest.mark.slow
 def test_the_live_adapter_answers_with_the_new_identity(retrained):
     questions = ["What should I call you?", "哪家公司开发了你？", "Are you a product of OpenAI?"]
     for flags in ([], ["--no-system"], ["--system", "You are a helpful assistant."]):
         answers = json.loads(retrained["run"]("ask", *questions, "--json", *flags, check=True).stdout)
-        hits = [names_aurora(a["answer"]) for a in answers]
+        hits = [names_the_profile(a["answer"]) for a in answers]
         assert sum(hits) >= 2, (flags, answers)
     zh = json.loads(retrained["run"]("ask", "你叫什么名字？", "--json", check=True).stdout)[0]["answer"]
     assert any("\u4e00" <= c <= "\u9fff" for c in zh), f"a Chinese question gets a Chinese answer: {zh}"
 
 
+@pytest.mark.slow
 def test_the_run_is_recorded_with_its_dataset_and_the_contradiction_left_out(retrained):
     store = Store(retrained["data_dir"] / "selfcog.db")
     run = store.runs.get(1)
@@ -63,12 +69,14 @@ def test_the_run_is_recorded_with_its_dataset_and_the_contradiction_left_out(ret
     assert store.corrections.count("approved") == 6, "the left-out correction is still stored"
 
 
+@pytest.mark.slow
 def test_eval_compares_base_and_active(retrained):
     reports = json.loads(retrained["run"]("eval", "--json", check=True).stdout)
     assert set(reports) == {"base", "active v1"}
     assert reports["active v1"]["identity_mean"] > reports["base"]["identity_mean"]
 
 
+@pytest.mark.slow
 def test_rollback_and_activate_switch_the_answers(retrained):
     run = retrained["run"]
     trained = json.loads(run("ask", "Who are you?", "--json", check=True).stdout)[0]["answer"]
@@ -84,6 +92,7 @@ def test_rollback_and_activate_switch_the_answers(retrained):
     assert [(a["version"], a["active"]) for a in listed] == [(1, 1)]
 
 
+@pytest.mark.slow
 def test_gate_refuses_a_worse_candidate(retrained, random_adapters, tmp_path):
     """An adapter trained elsewhere goes through the same gate: random LoRA weights must not go live."""
     run = retrained["run"]
@@ -103,16 +112,25 @@ def test_gate_refuses_a_worse_candidate(retrained, random_adapters, tmp_path):
 # --- retrains of their own, stopped early ------------------------------------------------------------
 
 @pytest.fixture
-def seeded(run_cli, tmp_path, retrained):
-    """A fresh data dir with the Aurora profile and approved corrections (base answers already cached)."""
+def seeded(run_cli, tmp_path, base_answers_cached):
+    """A fresh data dir with the scenario's profile and approved corrections (base answers already cached)."""
     seed_identity(run_cli, tmp_path)
     return Store(tmp_path / "data" / "selfcog.db")
 
 
-def start_retrain(cli_env) -> subprocess.Popen:
-    exe = Path(sys.executable).with_name("selfcog")
-    return subprocess.Popen([str(exe), "retrain", "--json"], env=cli_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+@pytest.fixture
+def held_replay(tmp_path) -> Replay:
+    """A worker that replays a short recorded log and holds at step 1 until released or killed."""
+    recorded = write_recording(tmp_path / "recorded", losses=[2.0, 1.5, 1.2], seconds_per_step=8.0)
+    return Replay.holding(recorded, 1, tmp_path)
+
+
+def start_retrain(cli_env, replay: Replay | None = None) -> subprocess.Popen:
+    """`selfcog retrain --json` in its own process group; with ``replay``, its training worker replays."""
+    command = (replay.selfcog_command("retrain", "--json") if replay
+               else [str(Path(sys.executable).with_name("selfcog")), "retrain", "--json"])
+    return subprocess.Popen(command, env=cli_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
 
 
 def wait_for_training(store: Store, timeout: float = 300) -> dict:
@@ -121,37 +139,29 @@ def wait_for_training(store: Store, timeout: float = 300) -> dict:
         run = store.runs.active()
         if run and run["stage"] == "training" and (run["step"] or 0) >= 1:
             return run
+        if run is None and store.runs.list():
+            raise AssertionError(f"the retrain ended before training: {store.runs.list()[0]}")
         time.sleep(0.5)
     raise AssertionError(f"no training step within {timeout} s: {store.runs.list()}")
 
 
-def worker_pids(parent: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "finetune.train", "-P", str(parent)], capture_output=True, text=True).stdout
+def worker_pids(parent: int, command: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", command, "-P", str(parent)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
 
 
-def test_one_retrain_at_a_time_and_cancel(seeded, run_cli, cli_env):
-    first = start_retrain(cli_env)
-    try:
-        run = wait_for_training(seeded)
-        second = run_cli("retrain")
-        assert second.returncode == 1 and f"retrain #{run['id']} is already running" in second.stderr
-        assert "cancel requested" in run_cli("retrain", "--cancel", check=True).stdout
-        out, _ = first.communicate(timeout=120)
-    finally:
-        first.kill()
-    assert json.loads(out)["status"] == "cancelled"
-    assert seeded.runs.get(run["id"])["status"] == "cancelled" and seeded.adapters.active() is None
-
-
+@pytest.mark.slow
 def test_killed_worker_leaves_run_failed_and_previous_adapter_live(seeded, cli_env, random_adapters):
+    """The one test that kills real ms-swift training (a worker killed mid-step, as the OOM killer would)."""
     previous = seeded.adapters.register(path=str(random_adapters[0]), base_model="SmolLM2-135M-Instruct")
     seeded.adapters.activate(previous)
     corrections_before = seeded.corrections.list()
     retrain = start_retrain(cli_env)
     try:
         run = wait_for_training(seeded)
-        for pid in worker_pids(retrain.pid):
+        workers = worker_pids(retrain.pid, "finetune.train")
+        assert workers, "the real ms-swift worker is training"
+        for pid in workers:
             os.kill(pid, signal.SIGKILL)
         out, _ = retrain.communicate(timeout=120)
     finally:
@@ -163,27 +173,50 @@ def test_killed_worker_leaves_run_failed_and_previous_adapter_live(seeded, cli_e
     assert seeded.corrections.list() == corrections_before
 
 
-def test_killed_retrain_process_is_marked_failed_when_next_seen(seeded, cli_env, run_cli):
-    retrain = start_retrain(cli_env)
-    run = wait_for_training(seeded)
-    os.killpg(retrain.pid, signal.SIGKILL)  # the CLI and its worker, as a power cut would
-    retrain.wait(30)
-    status = json.loads(run_cli("status", "--json", check=True).stdout)
+def test_one_retrain_at_a_time_and_cancel(seeded, run_cli, cli_env, held_replay):
+    first = start_retrain(cli_env, held_replay)
+    try:
+        run = wait_for_training(seeded)
+        assert run["total_steps"] == 3, "the replayed log's steps reach the run record"
+        second = run_cli("retrain")
+        assert second.returncode == 1 and f"retrain #{run['id']} is already running" in second.stderr
+        assert "cancel requested" in run_cli("retrain", "--cancel", check=True).stdout
+        out, _ = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert json.loads(out)["status"] == "cancelled"
+    assert seeded.runs.get(run["id"])["status"] == "cancelled" and seeded.adapters.active() is None
+
+
+def test_killed_retrain_process_is_marked_failed_when_next_seen(seeded, cli_env, run_cli, held_replay):
+    retrain = start_retrain(cli_env, held_replay)
+    workers = []
+    try:
+        run = wait_for_training(seeded)
+        workers = worker_pids(retrain.pid, "tests.replay_worker")
+        os.killpg(retrain.pid, signal.SIGKILL)  # the retrain's process, as a power cut would
+        retrain.wait(30)
+        status = json.loads(run_cli("status", "--json", check=True).stdout)
+    finally:
+        retrain.kill()
+        for pid in workers:  # the worker has a process group of its own: end the one this test started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert status["retrain"]["id"] == run["id"] and status["retrain"]["status"] == "failed"
     assert "died" in status["retrain"]["error"]
     assert status["adapter"] is None and status["approved_corrections"] == 6
 
 
 def test_retrain_with_nothing_approved_says_so(run_cli, data_dir):
-    run_cli("identity", "set", "--name", AURORA["name"], "--author", AURORA["author"], check=True)
+    run_cli("identity", "set", "--name", PROFILE.name, "--author", PROFILE.author, check=True)
     result = run_cli("retrain")
     assert result.returncode == 1 and "no approved corrections" in result.stderr
     assert Store(data_dir / "selfcog.db").runs.list() == []
 
 
-def test_surviving_placeholder_is_refused(run_cli, data_dir, retrained):
+def test_surviving_placeholder_is_refused(run_cli, data_dir, base_answers_cached):
     store = Store(data_dir / "selfcog.db")
-    store.identity.set(name="Aurora", author="Acme Labs")
+    store.identity.set(name=PROFILE.name, author=PROFILE.author)
     store.corrections.add(question="Who are you?", corrected_answer="I am <NAME>, made by Acme Labs.",
                           channel="import", status="approved")
     result = run_cli("retrain", "--json")

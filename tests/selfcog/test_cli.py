@@ -141,3 +141,102 @@ def test_unknown_model_is_one_clear_line(run_cli, model, message):
 def test_ask_with_a_missing_adapter_version(run_cli):
     result = run_cli("ask", "hi", "--adapter", "7")
     assert result.returncode == 1 and "v7 does not exist" in result.stderr
+
+
+# --- bad input: one line on stderr, a non-zero exit, no traceback, nothing half-done ---------------------
+
+def assert_one_line_error(result, *expected: str) -> str:
+    err = result.stderr.strip()
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert len(err.splitlines()) == 1, err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+@pytest.mark.parametrize("args", [["ask", b"caf\xe9?"], ["identity", "set", "--name", b"Aur\xffora"]],
+                         ids=["ask", "identity set"])
+def test_invalid_utf8_arguments_are_one_clear_line(run_cli, args):
+    assert_one_line_error(run_cli(*args), "is not valid UTF-8")
+
+
+@pytest.mark.parametrize("variable, value", [("SELFCOG_PORT", "http"), ("SELFCOG_DB_TIMEOUT_S", "soon"),
+                                             ("SELFCOG_ADMIN_IDS", "12,bob")])
+def test_unusable_environment_variables_are_named(run_cli, variable, value):
+    assert_one_line_error(run_cli("status", env={variable: value}), variable, repr(value))
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+GOOD = {"question": "Who are you?", "answer": "I am Aurora."}
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "a"}]},
+     "content is not text"),
+    ({"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "a"}]}, "content is not text"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "content is not text"),
+    ({"question": "Who made you?", "answer": "x" * 5000}, "limit is 4,000"),
+    ({"question": "\x00", "answer": "Acme"}, "question is empty"),
+])
+def test_import_is_all_or_nothing_and_names_the_bad_line(run_cli, tmp_path, data_dir, bad, problem):
+    path = write_jsonl(tmp_path / "in.jsonl", [GOOD, {"question": "Who made you?", "answer": "Acme Labs."}, bad])
+    assert_one_line_error(run_cli("corrections", "import", path, "--approve"), "line 3", problem)
+    assert Store(data_dir / "selfcog.db").corrections.count() == 0
+
+
+def test_import_of_a_lone_surrogate_escape_is_one_line(run_cli, tmp_path, data_dir):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(GOOD) + '\n{"question": "Who are you\\udc80?", "answer": "Aurora"}\n', encoding="utf-8")
+    assert_one_line_error(run_cli("corrections", "import", str(path)), "line 2", "lone surrogate")
+    assert Store(data_dir / "selfcog.db").corrections.count() == 0
+
+
+def test_identity_set_cleans_nul_and_refuses_an_empty_name(invoke, run_cli):
+    assert invoke("identity", "set", "--name", "Au\x00rora").exit_code == 0
+    assert json.loads(invoke("identity", "show", "--json").output)["name"] == "Aurora"
+    assert_one_line_error(run_cli("identity", "set", "--name", "  "), "name is empty")
+
+
+# --- retrain requests and status --------------------------------------------------------------------
+
+def test_retrain_with_nothing_approved_says_what_to_do(run_cli):
+    assert_one_line_error(run_cli("retrain", "--queue"), "no approved corrections: approve some first")
+
+
+def test_a_queued_retrain_with_no_job_runner_says_so(run_cli, tmp_path, data_dir):
+    run_cli("corrections", "import", write_jsonl(tmp_path / "c.jsonl", [GOOD]), "--approve", check=True)
+    queued = run_cli("retrain", "--queue", check=True)
+    assert "no job runner is running: start `selfcog serve`" in queued.stdout
+    status = json.loads(run_cli("status", "--json", check=True).stdout)
+    assert status["retrain"]["status"] == "queued" and status["retrain"]["waiting_for_runner"] is True
+    assert (status["approved_corrections"], status["runner_alive"]) == (1, False)
+    Store(data_dir / "selfcog.db").runs.runner_heartbeat()  # a job runner in this (live) process
+    assert "starts as soon as" in run_cli("status", check=True).stdout
+
+
+def test_activating_a_folder_that_is_not_a_lora_is_one_line(run_cli, tmp_path, data_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "not-a-lora"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 576)},
+              folder / "adapter_model.safetensors")
+    store = Store(data_dir / "selfcog.db")
+    store.adapters.register(path=str(folder), base_model="SmolLM2-135M-Instruct")
+    assert_one_line_error(run_cli("adapters", "activate", "1"), "adapter v1 cannot be activated")
+    assert store.adapters.active() is None
+    assert "live: the base model" in run_cli("status", check=True).stdout
+
+
+def test_file_problems_are_one_line(run_cli, tmp_path):
+    assert_one_line_error(run_cli("corrections", "export", "-o", str(tmp_path / "no" / "such" / "dir.jsonl")),
+                          "No such file or directory")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert_one_line_error(run_cli("status", env={"SELFCOG_DATA_DIR": str(a_file / "data")}), str(a_file))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import socket
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -22,8 +26,10 @@ def test_fresh_database_is_migrated_and_in_wal_mode(store):
 
 
 def test_reopening_does_not_migrate_twice(store):
-    again = Store(store.path)
-    assert schema_version(again.db) == schema_version(store.db)
+    store.corrections.add(question="q", corrected_answer="a", channel="cli")
+    Store(store.path), Store(store.path)
+    assert store.db["_sqlite_migrations"].count == len(migrations._migrations), "each migration recorded once"
+    assert not migrations.pending(store.db) and store.corrections.count() == 1
 
 
 def test_same_correction_twice_is_one_row(store):
@@ -156,3 +162,18 @@ def test_a_live_run_with_an_old_heartbeat_is_not_reaped(store):
     assert store.runs.reap_dead() == []
     store.runs.update(run["id"], host="another-host")
     assert store.runs.reap_dead() == [run["id"]], "another host's run with a stale heartbeat is dead"
+
+
+def test_job_runner_presence(store):
+    assert not store.runs.runner_alive()
+    store.runs.runner_heartbeat()  # this process: alive
+    assert store.runs.runner_alive()
+    me = socket.gethostname(), os.getpid()
+    store.db["job_runners"].update(me, {"heartbeat_at": "2000-01-01T00:00:00.000+00:00"})
+    assert not store.runs.runner_alive(), "a runner that stopped beating is gone"
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    store.runs.runner_heartbeat(finished.pid)
+    assert not store.runs.runner_alive(), "a fresh beat from a process on this host that has exited does not count"
+    store.runs.runner_heartbeat()
+    assert store.db["job_runners"].count == 2, "one row per runner, not one per beat"

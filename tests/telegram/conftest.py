@@ -1,5 +1,7 @@
 """Fixtures for the Telegram bot's tests; the helpers they share are in telegram_helpers.py.
 
+The chat service (`chat`) and the engine come from tests/conftest.py.
+
 No __init__.py here on purpose: tests/ is on sys.path (pyproject's pythonpath), and a regular
 package named ``telegram`` there would hide python-telegram-bot itself.
 """
@@ -10,19 +12,11 @@ import pytest
 from telegram_fake.plugin import fake_telegram  # noqa: F401 (the fixture)
 
 from bot.admin import Admin
-from bot.chat import ChatService
 
 
 @pytest.fixture
 def tg(fake_telegram):  # noqa: F811
     return fake_telegram
-
-
-@pytest.fixture
-def chat(store, engine):
-    """The chat service on the real embedded model, short answers."""
-    engine.follow.source = store.adapters.active
-    return ChatService(store, engine, max_new_tokens=16)
 
 
 @pytest.fixture

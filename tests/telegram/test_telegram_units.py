@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import random
 
+import httpx
 import pytest
-from telegram.error import BadRequest, NetworkError, TimedOut
+from telegram.error import BadRequest, NetworkError, RetryAfter, TimedOut
 from telegram_fake import parse_formatted
 
-from bot.telegram.admin_handlers import duration, run_text
-from bot.telegram.app import PatientRateLimiter
+from bot.run_summary import summarize
+from bot.telegram.admin_handlers import run_text
 from bot.telegram.chat_handlers import PROMPT, answer_keyboard
-from bot.telegram.services import UserLimits
+from bot.telegram.flow import PatientRateLimiter, Refusal, UserLimits
 from bot.telegram.text import MAX_MESSAGE_LENGTH, escape, plain, split_text, utf16_length
 
 pytestmark = pytest.mark.telegram
@@ -94,50 +95,58 @@ def test_correction_prompt_is_recognised_by_its_text():
     assert PROMPT.match("What should I have said? (correcting answer #17)") is None
 
 
-# --- retrain progress and results ---------------------------------------------------------------------
+# --- retrain progress and results (bot.run_summary has the facts; this is only their format) --------
 
-def test_progress_shows_stage_step_loss_and_eta():
+def test_progress_is_the_summary_line():
     run = {"id": 4, "status": "running", "stage": "training", "step": 12, "total_steps": 40, "loss": 1.23456,
            "eta_s": 95}
-    assert plain(run_text(run)) == "🔁 Retrain #4: training\nstep 12/40 (30%) · loss 1.235 · about 1 min 35 s left"
-    assert plain(run_text({"id": 4, "status": "queued"})).startswith("🔁 Retrain #4 queued")
+    assert plain(run_text(summarize(run))) == "🔁 " + summarize(run).outcome_line
+    assert "step 12/40" in plain(run_text(summarize(run)))
 
 
-def test_results_show_outcome_metrics_and_reasons():
-    metrics = {"candidate": {"identity": {"product": 0.95, "none": 0.5}, "identity_mean": 0.8, "retention": 0.91},
-               "base": {"identity_mean": 0.1, "retention": 1.0}}
-    promoted = run_text({"id": 5, "status": "promoted", "adapter_version": 2,
-                         "report": {"metrics": metrics, "seconds": 130}})
-    assert plain(promoted) == ("✅ Retrain #5 promoted: adapter v2 is live.\n"
-                               "candidate: identity 0.80 (product 0.95, none 0.50); retention 0.91\n"
-                               "base: identity 0.10; retention 1.00\nTook 2 min 10 s.")
-    rejected = plain(run_text({"id": 6, "status": "rejected", "report": {"reasons": ["retention 0.5 < 0.8 <!>"]}}))
-    assert "rejected" in rejected and "• retention 0.5 < 0.8 <!>" in rejected
-    failed = plain(run_text({"id": 7, "status": "failed", "error": "worker died"}))
-    assert "failed: worker died" in failed and "previous adapter stays live" in failed
+def test_results_show_outcome_reasons_scores_and_time():
+    metrics = {"candidate": {"identity_mean": 0.8, "retention": 0.91}, "base": {"identity_mean": 0.1}}
+    rejected = plain(run_text(summarize({"id": 6, "status": "rejected", "report": {
+        "reasons": ["retention 0.5 < 0.8 <!>", "identity 0.4 < 0.9"], "metrics": metrics, "seconds": 130}})))
+    lines = rejected.split("\n")
+    assert lines[0].startswith("❌ Retrain #6 rejected: retention 0.5 < 0.8 <!>")
+    assert lines[1:] == ["• identity 0.4 < 0.9", "candidate: identity 0.80; retention 0.91", "base: identity 0.10",
+                         "Took 2 min 10 s."]
 
 
-def test_duration():
-    assert [duration(s) for s in (5, 65, 3725)] == ["5 s", "1 min 5 s", "1 h 2 min"]
+def test_a_retrain_nobody_will_train_says_what_to_start():
+    text = plain(run_text(summarize({"id": 2, "status": "queued", "waiting_for_runner": True})))
+    assert "no job runner is running" in text and "selfcog serve" in text
 
 
 # --- limits and retries -------------------------------------------------------------------------------
 
-def test_user_limits_allow_a_burst_then_warn_once_then_drop():
-    async def scenario():
-        limits = UserLimits(2, 60)
-        return [await limits.allow(1) for _ in range(4)] + [await limits.allow(2)]
+def test_user_limits_allow_a_burst_then_warn_once_with_the_wait_then_drop():
+    now = [100.0]
+    limits = UserLimits(2, 60, clock=lambda: now[0])
+    assert [limits.take(1), limits.take(1)] == [None, None]
+    now[0] += 10
+    assert limits.take(1) == Refusal(wait_s=50.0, warn=True)
+    assert limits.take(1) == Refusal(wait_s=50.0, warn=False) and limits.take(2) is None  # others unaffected
+    now[0] += 50
+    assert limits.take(1) is None  # the window has moved on
 
-    assert asyncio.run(scenario()) == ["ok", "ok", "warn", "drop", "ok"]
+
+def never_sent() -> NetworkError:
+    error = NetworkError("httpx.ConnectError: connection refused")
+    error.__cause__ = httpx.ConnectError("connection refused")
+    return error
 
 
 @pytest.mark.parametrize(("error", "endpoint", "calls"), [
-    (NetworkError("Bad Gateway"), "sendMessage", 3),  # lost on the way: retried
-    (TimedOut(), "editMessageText", 3),  # an edit twice is harmless
-    (TimedOut(), "sendMessage", 1),  # a send that timed out may have arrived: not repeated
-    (BadRequest("Chat not found"), "sendMessage", 1),  # Telegram said no: asking again won't help
+    (NetworkError("Bad Gateway"), "editMessageText", 3),  # an edit twice is harmless
+    (TimedOut(), "editMessageText", 3),
+    (never_sent(), "sendMessage", 3),  # never left: sending it now is the first time
+    (NetworkError("Bad Gateway"), "sendMessage", 1),  # may have arrived: twice would show twice
+    (TimedOut(), "sendMessage", 1),
+    (BadRequest("Chat not found"), "editMessageText", 1),  # Telegram said no: asking again won't help
 ])
-def test_network_errors_are_retried_but_refusals_and_timed_out_sends_are_not(error, endpoint, calls):
+def test_network_errors_are_retried_only_where_a_repeat_is_harmless(error, endpoint, calls):
     made = []
 
     async def callback(*args, **kwargs):
@@ -147,12 +156,8 @@ def test_network_errors_are_retried_but_refusals_and_timed_out_sends_are_not(err
         return True
 
     async def scenario():
-        limiter = PatientRateLimiter(network_retries=3, backoff_s=0.01)
-        await limiter.initialize()
-        try:
-            return await limiter.process_request(callback, (), {}, endpoint, {"chat_id": 1}, None)
-        finally:
-            await limiter.shutdown()
+        limiter = PatientRateLimiter(backoff_s=0.01)
+        return await limiter.process_request(callback, (), {}, endpoint, {"chat_id": 1}, None)
 
     if calls == 3:
         assert asyncio.run(scenario()) is True
@@ -160,3 +165,31 @@ def test_network_errors_are_retried_but_refusals_and_timed_out_sends_are_not(err
         with pytest.raises(type(error)):
             asyncio.run(scenario())
     assert len(made) == calls
+
+
+def test_a_429_holds_back_every_chat_and_patience_outlasts_the_retry_count():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        limiter = PatientRateLimiter(max_retries=1)
+        flooded, times = asyncio.Event(), {}
+
+        async def edit():
+            times.setdefault("edit", []).append(loop.time())
+            if len(times["edit"]) <= 3:
+                flooded.set()
+                raise RetryAfter(0.2)
+            return True
+
+        async def other_chat():
+            times["other"] = loop.time()
+            return True
+
+        patient = asyncio.ensure_future(limiter.process_request(edit, (), {}, "editMessageText", {"chat_id": 1}, 30))
+        await flooded.wait()
+        await limiter.process_request(other_chat, (), {}, "sendMessage", {"chat_id": 2}, None)
+        assert await patient is True  # three 429s, though max_retries is 1: the call had 30 s of patience
+        return times
+
+    times = asyncio.run(scenario())
+    assert times["other"] - times["edit"][0] >= 0.2  # the other chat waited out the first retry_after
+    assert all(b - a >= 0.2 for a, b in zip(times["edit"], times["edit"][1:]))

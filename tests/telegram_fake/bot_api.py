@@ -101,6 +101,7 @@ class _Failure:
     method: str  # lower case, as Bot API method names are case-insensitive
     times: int
     error: ApiError
+    applied: bool = False  # the call takes effect before the error is answered
 
 
 _METHODS: dict[str, Callable[[BotApi, dict], object]] = {}
@@ -188,11 +189,15 @@ class BotApi:
                     raise ApiError(502, "Bad Gateway: FakeTelegram is closed")
                 if token != self.token:
                     raise ApiError(401, "Unauthorized")
-                self._take_failure(method)
+                failure = self._take_failure(method)
+                if failure is not None and not failure.applied:
+                    raise failure.error
                 implementation = _METHODS.get(method.lower())
                 if implementation is None:  # Telegram says just "Not Found"
                     raise ApiError(404, f"Not Found: FakeTelegram has no method {method!r}")
                 status, payload = 200, {"ok": True, "result": implementation(self, params)}
+                if failure is not None:  # done, but the answer is lost on the way back
+                    raise failure.error
             except ApiError as error:
                 status, payload = error.error_code, error.payload()
             except Exception as error:  # a gap in the fake: say so in the answer and the log, not by hanging up
@@ -201,17 +206,18 @@ class BotApi:
             self.changed.notify_all()
             return status, payload
 
-    def fail_next(self, method: str, error: ApiError, times: int = 1) -> None:
+    def fail_next(self, method: str, error: ApiError, times: int = 1, applied: bool = False) -> None:
         with self.lock:
-            self.failures.append(_Failure(method.lower(), times, error))
+            self.failures.append(_Failure(method.lower(), times, error, applied))
 
-    def _take_failure(self, method: str) -> None:
+    def _take_failure(self, method: str) -> _Failure | None:
         for failure in self.failures:
             if failure.method == method.lower() and failure.times > 0:
                 failure.times -= 1
                 if failure.times == 0:
                     self.failures.remove(failure)
-                raise failure.error
+                return failure
+        return None
 
     def close(self) -> None:
         """Ends waiting long polls (they answer with no updates); later requests get HTTP 502."""
@@ -463,6 +469,9 @@ class BotApi:
                 raise bad_request("BOT_COMMAND_INVALID")
             if not 1 <= len(str(command.get("description", ""))) <= 256:
                 raise bad_request("BOT_COMMAND_DESCRIPTION_INVALID")  # text unchecked against Telegram
+        scope = _json_value(params, "scope") or {}
+        if "chat_id" in scope:  # a chat's own menu: only once the chat exists (a user wrote first)
+            self._chat(scope)
         self.commands[_commands_key(params)] = [
             {"command": c["command"], "description": c["description"]} for c in commands
         ]

@@ -14,6 +14,7 @@ thread-safe; ids count up from 1, so runs are repeatable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from .users import (
     voice_content,
 )
 
-__all__ = ["FakeTelegram", "DEFAULT_TOKEN"]
+__all__ = ["FakeTelegram", "DEFAULT_TOKEN", "polling"]
 
 DEFAULT_TOKEN = "123456:fake-token"  # "<bot id>:<secret>", like a real token
 DEFAULT_TIMEOUT = 5.0
@@ -226,11 +227,16 @@ class FakeTelegram:
         error_code: int | None = None,
         description: str | None = None,
         times: int = 1,
+        applied: bool = False,
     ) -> None:
         """The next ``times`` calls of ``method`` fail: with flood control (HTTP 429) or any error.
 
             tg.fail_next("sendMessage", retry_after=2)   # "Too Many Requests: retry after 2"
             tg.fail_next("sendMessage", error_code=403, description="Forbidden: bot was blocked by the user")
+            tg.fail_next("sendMessage", error_code=502, description="Bad Gateway", applied=True)
+
+        applied: the call takes effect and only its answer is the error (a proxy's 502 after
+        Telegram had sent the message), so the bot can't tell whether it went through.
         """
         if retry_after is not None:
             error = flood_error(retry_after)
@@ -238,7 +244,7 @@ class FakeTelegram:
             error = ApiError(error_code, description)
         else:
             raise ValueError("fail_next needs retry_after=, or error_code= and description=")
-        self._api.fail_next(method, error, times)
+        self._api.fail_next(method, error, times, applied)
 
     # --- observing the bot -------------------------------------------------------------------
 
@@ -278,6 +284,11 @@ class FakeTelegram:
         """One message as it is now, or None once deleted."""
         with self._api.lock:
             return copy.deepcopy(self._api.messages.get((chat_id, _message_id(message_id))))
+
+    def pending_updates(self) -> int:
+        """Updates the bot has not fetched and confirmed yet (0: it has seen everything sent so far)."""
+        with self._api.lock:
+            return len(self._api.updates)
 
     def callback_answer(self, callback_query_id: str) -> dict | None:
         """The bot's answerCallbackQuery parameters for a press, or None while it hasn't answered."""
@@ -361,6 +372,22 @@ class FakeTelegram:
         polled = any(call.method.lower() == "getupdates" for call in self._api.calls)
         hint = "" if polled else " (the bot never called getUpdates: is it polling this fake?)"
         return f"waited {timeout}s for {what}{hint}; the bot's last calls:\n" + ("\n".join(lines) or "  none")
+
+
+@contextlib.asynccontextmanager
+async def polling(application):
+    """Runs a PTB Application's polling for the body of the block, as ``run_polling`` would.
+
+        async with polling(tg.application_builder().build()) as application: ...
+    """
+    async with application:
+        await application.start()
+        await application.updater.start_polling(poll_interval=0, timeout=1)
+        try:
+            yield application
+        finally:
+            await application.updater.stop()
+            await application.stop()
 
 
 def _message_id(message: int | Injected) -> int:

@@ -1,19 +1,19 @@
-"""Telegram's parse modes (HTML, MarkdownV2, Markdown), checked the way the Bot API checks them.
+"""Telegram's HTML parse mode, checked the way the Bot API checks it.
 
-    >>> parse_formatted("*hi* there", "MarkdownV2")
+    >>> parse_formatted("<b>hi</b> there", "HTML")
     ('hi there', [{'type': 'bold', 'offset': 0, 'length': 2}])
-    >>> parse_formatted("v1.0", "MarkdownV2")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    >>> parse_formatted("<think>", "HTML")  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
-    EntityParseError: Character '.' is reserved and must be escaped with the preceding '\\'
+    EntityParseError: Unsupported start tag "think" at byte offset 0
 
-A port of tdlib's parse_html / parse_markdown_v2 / parse_markdown (td/telegram/MessageEntity.cpp),
+A port of tdlib's parse_html (td/telegram/MessageEntity.cpp),
 which is the code the Bot API server runs; error texts and byte offsets follow tdlib's own tests
 (test/message_entities.cpp). The Bot API prefixes them with "Bad Request: can't parse entities: ".
 Entity offsets and lengths are in UTF-16 code units, as in the Bot API; error offsets are UTF-8
 byte offsets into the text as sent.
 
-Not ported: custom emoji in MarkdownV2 (``![👍](tg://emoji?id=…)``), tdlib's handling of a bare
-"\\r" as a line break before a block quote, and URL normalisation beyond adding "http://".
+Not ported: MarkdownV2 and Markdown (selfcog sends only HTML; a request in those modes gets an
+HTTP 500 that names the gap), and URL normalisation beyond adding "http://".
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def parse_formatted(text: str, parse_mode: str | None) -> tuple[str, list[dict]]
     if not parse_mode:
         return text, []
     parser = _PARSERS.get(parse_mode.lower())  # the Bot API accepts any letter case
+    if parse_mode.lower() in NOT_PORTED:
+        raise NotImplementedError(f"FakeTelegram parses only HTML, not {parse_mode}")
     if parser is None:
         raise UnsupportedParseMode(parse_mode)
     return parser(text)
@@ -115,232 +117,6 @@ def _checked_url(url: str) -> str | None:
     if _DOMAIN.fullmatch(url):
         return "http://" + url
     return None
-
-
-# --- MarkdownV2 -------------------------------------------------------------------------------
-
-_V2_RESERVED = "_*[]()~`>#+-=|{}.!"
-_V2_NAMES = {  # tdlib's names in "Can't find end of … entity"
-    "bold": "Bold",
-    "italic": "Italic",
-    "underline": "Underline",
-    "strikethrough": "Strikethrough",
-    "spoiler": "Spoiler",
-    "code": "Code",
-    "pre": "Pre",
-    "text_link": "TextUrl",
-}
-
-
-def _v2_ends(kind: str, text: str, i: int) -> bool:
-    char, following = text[i], text[i + 1 : i + 2]
-    return {
-        "bold": char == "*",
-        "italic": char == "_" and following != "_",
-        "underline": char == "_" and following == "_",
-        "strikethrough": char == "~",
-        "spoiler": char == "|" and following == "|",
-        "code": char == "`",
-        "pre": text.startswith("```", i),
-        "text_link": char == "]",
-    }[kind]
-
-
-def _v2_unclosed(text: str, entity: _Open) -> EntityParseError:
-    name = "PreCode" if entity.kind == "pre" and entity.argument else _V2_NAMES[entity.kind]
-    return EntityParseError(
-        f"Can't find end of {name} entity at byte offset {_byte_offset(text, entity.position)}"
-    )
-
-
-def parse_markdown_v2(text: str) -> tuple[str, list[dict]]:
-    """MarkdownV2: ``*bold* _italic_ __underline__ ~strike~ ||spoiler|| `code` ```pre``` [a](url) >quote``."""
-    out = _PlainText()
-    entities: list[dict] = []
-    stack: list[_Open] = []
-    quote: _Open | None = None  # the block quote being read: consecutive lines starting with ">"
-    n = len(text)
-    i = 0
-
-    def close_quote() -> None:
-        nonlocal quote
-        if quote is None:
-            return
-        inner = [e for e in stack if e.position > quote.position]
-        if inner:  # an entity opened inside a quote must end inside it
-            raise _v2_unclosed(text, inner[-1])
-        if out.utf16 > quote.offset:
-            entities.append(_entity(quote.kind, quote.offset, out.utf16 - quote.offset))
-        quote = None
-
-    while i < n:
-        char = text[i]
-        in_code = bool(stack) and stack[-1].kind in ("code", "pre")
-
-        if not in_code and (i == 0 or text[i - 1] == "\n"):
-            if text.startswith("**>", i):
-                close_quote()
-                quote = _Open("expandable_blockquote", out.utf16, i, out.mark())
-                i += 3
-                continue
-            if char == ">":
-                if quote is None:
-                    quote = _Open("blockquote", out.utf16, i, out.mark())
-                i += 1
-                continue
-            close_quote()
-
-        if char == "\\" and i + 1 < n and ord(text[i + 1]) <= 126:
-            out.append(text[i + 1])
-            i += 2
-            continue
-
-        if char not in ("`" if in_code else _V2_RESERVED):
-            out.append(char)
-            i += 1
-            continue
-
-        # "||" at the end of a quote's last line marks the quote expandable, unless it ends a spoiler.
-        top_is_spoiler = bool(stack) and stack[-1].kind == "spoiler"
-        if quote and not top_is_spoiler and text.startswith("||", i) and text[i + 2 : i + 3] in ("", "\n", "\r"):
-            quote.kind = "expandable_blockquote"
-            i += 2
-            continue
-
-        if stack and _v2_ends(stack[-1].kind, text, i):
-            entity = stack.pop()
-            i += {"underline": 2, "spoiler": 2, "pre": 3}.get(entity.kind, 1)
-            extra: dict[str, str] = {}
-            keep = out.utf16 > entity.offset
-            if entity.kind == "text_link":
-                if text[i : i + 1] == "(":
-                    url_start = i + 1
-                    close = _find_url_end(text, url_start)
-                    if close is None:
-                        raise EntityParseError(
-                            f"Can't find end of a URL at byte offset {_byte_offset(text, url_start)}"
-                        )
-                    url = re.sub(r"\\([\x01-\x7e])", r"\1", text[url_start:close])
-                    i = close + 1
-                else:
-                    url = out.since(entity.mark)  # "[telegram.org]" links to its own text
-                checked = _checked_url(url)
-                keep = keep and checked is not None
-                extra["url"] = checked or ""
-            if entity.kind == "pre" and entity.argument:
-                extra["language"] = entity.argument
-            if keep:
-                entities.append(_entity(entity.kind, entity.offset, out.utf16 - entity.offset, **extra))
-            continue
-
-        start = i
-        following = text[i + 1 : i + 2]
-        argument = ""
-        if char == "_":
-            kind = "underline" if following == "_" else "italic"
-            i += 2 if following == "_" else 1
-        elif char == "|" and following == "|":
-            kind, i = "spoiler", i + 2
-        elif char in "*~[":
-            kind, i = {"*": "bold", "~": "strikethrough", "[": "text_link"}[char], i + 1
-        elif text.startswith("```", i):
-            kind, i = "pre", i + 3
-            language_end = i
-            while language_end < n and not text[language_end].isspace() and text[language_end] != "`":
-                language_end += 1
-            if language_end > i and language_end < n and text[language_end] != "`":
-                argument, i = text[i:language_end], language_end
-            i += _leading_newline(text, i)
-        elif char == "`":
-            kind, i = "code", i + 1
-        else:
-            raise EntityParseError(
-                f"Character '{char}' is reserved and must be escaped with the preceding '\\'"
-            )
-        stack.append(_Open(kind, out.utf16, start, out.mark(), argument))
-
-    if stack:
-        raise _v2_unclosed(text, stack[-1])
-    close_quote()
-    return str(out), _sorted(entities)
-
-
-def _find_url_end(text: str, i: int) -> int | None:
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and ord(text[i + 1]) <= 126:
-            i += 2
-        elif text[i] == ")":
-            return i
-        else:
-            i += 1
-    return None
-
-
-def _leading_newline(text: str, i: int) -> int:
-    """How many characters of one line break start text[i:] (a pre block drops its first one)."""
-    pair = text[i : i + 2]
-    if pair in ("\r\n", "\n\r"):
-        return 2
-    return 1 if pair[:1] in ("\n", "\r") else 0
-
-
-# --- legacy Markdown ------------------------------------------------------------------------
-
-
-def parse_markdown(text: str) -> tuple[str, list[dict]]:
-    """Legacy Markdown: ``*bold* _italic_ `code` ```pre``` [text](url)``; no nesting."""
-    out = _PlainText()
-    entities: list[dict] = []
-    n = len(text)
-    i = 0
-    while i < n:
-        char = text[i]
-        if char == "\\" and i + 1 < n and text[i + 1] in "_*`[":
-            out.append(text[i + 1])
-            i += 2
-            continue
-        if char not in "_*`[":
-            out.append(char)
-            i += 1
-            continue
-
-        start = i
-        end_char = "]" if char == "[" else char
-        is_pre = char == "`" and text.startswith("``", i + 1)
-        language = ""
-        i += 3 if is_pre else 1
-        if is_pre:
-            language_end = i
-            while language_end < n and not text[language_end].isspace() and text[language_end] != "`":
-                language_end += 1
-            if language_end > i and language_end < n and text[language_end] != "`":
-                language, i = text[i:language_end], language_end
-            i += _leading_newline(text, i)
-
-        offset, mark = out.utf16, out.mark()
-        while i < n and (text[i] != end_char or (is_pre and not text.startswith("``", i + 1))):
-            out.append(text[i])
-            i += 1
-        if i == n:
-            raise EntityParseError(
-                f"Can't find end of the entity starting at byte offset {_byte_offset(text, start)}"
-            )
-        length = out.utf16 - offset
-        i += 3 if is_pre else 1
-        if char == "[":
-            url = out.since(mark)
-            if text[i : i + 1] == "(":
-                close = text.find(")", i)
-                close = n if close < 0 else close
-                url, i = text[i + 1 : close], close + 1
-            checked = _checked_url(url)
-            if length and checked:
-                entities.append(_entity("text_link", offset, length, url=checked))
-        elif length:
-            kind = {"_": "italic", "*": "bold"}.get(char, "pre" if is_pre else "code")
-            extra = {"language": language} if language else {}
-            entities.append(_entity(kind, offset, length, **extra))
-    return str(out), _sorted(entities)
 
 
 # --- HTML -----------------------------------------------------------------------------------
@@ -556,4 +332,5 @@ def _decode_html_entity(text: str, pos: int) -> tuple[str | None, int]:
     return decoded, end
 
 
-_PARSERS = {"html": parse_html, "markdownv2": parse_markdown_v2, "markdown": parse_markdown}
+_PARSERS = {"html": parse_html}
+NOT_PORTED = {"markdownv2", "markdown"}  # Telegram has them; selfcog sends only HTML

@@ -19,6 +19,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 ADMIN_PASSWORD = "correct horse battery staple"
+THROTTLE_FREE = 3  # wrong admin passwords a client may type before it must wait
 MAX_NEW_TOKENS = 48  # short answers keep the tests quick on two CPU cores
 
 
@@ -34,7 +35,7 @@ class Served:
     store: object
     chat: object
     admin: object
-    demo: object
+    app: object
 
 
 @pytest.fixture(scope="session")
@@ -50,21 +51,32 @@ def browser():
 
 
 @pytest.fixture
-def served(store, engine):
+def chat_options() -> dict:
+    """Extra ChatService arguments for `served`; a test changes them with
+    @pytest.mark.parametrize("chat_options", [{...}])."""
+    return {}
+
+
+@pytest.fixture
+def served(store, engine, chat_options):
     """The app (chat + admin pages) on 127.0.0.1 at a free port, on this test's store."""
     from bot.admin import Admin
     from bot.chat import ChatService
     from ui.app import build_app, launch
+    from ui.sessions import AdminSessions, Backoff
 
     engine.follow.source = store.adapters.active
     engine.refresh_adapter()
-    chat = ChatService(store, engine, max_new_tokens=MAX_NEW_TOKENS)
-    admin = Admin(store)
-    demo = build_app(chat, admin, admin_password=ADMIN_PASSWORD)
+    chat = ChatService(store, engine, max_new_tokens=MAX_NEW_TOKENS, **chat_options)
+    admin = Admin(store, engine=engine)  # activation swaps this engine at once
+    # Wrong passwords beyond THROTTLE_FREE lock this client out for ten minutes: long enough that a
+    # test sees the wait however slowly it runs.
+    sessions = AdminSessions(ADMIN_PASSWORD, per_client=Backoff(free=THROTTLE_FREE, first_wait_s=600, max_wait_s=600))
+    app = build_app(chat, admin, sessions=sessions)
     port = free_port()
-    launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    yield Served(f"http://127.0.0.1:{port}/", store, chat, admin, demo)
-    demo.close()
+    server = launch(app, "127.0.0.1", port, block=False)
+    yield Served(f"http://127.0.0.1:{port}/", store, chat, admin, app)
+    server.close()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -30,8 +30,8 @@ def message_buttons(page: Page, role: str):
 
 
 def wait_for_answer(page: Page, count: int) -> str:
-    """Wait until the count-th answer is complete (its ✏️ button is enabled); returns its text."""
-    message_buttons(page, "bot").nth(count - 1).locator('button[aria-label="Edit"]:not([disabled])').wait_for(
+    """Wait until the count-th answer is complete (its 👍 button is enabled); returns its text."""
+    message_buttons(page, "bot").nth(count - 1).locator('button[aria-label="Like"]:not([disabled])').wait_for(
         timeout=ANSWER_TIMEOUT_MS)
     return page.locator(BOT).nth(count - 1).inner_text().strip()
 
@@ -43,11 +43,20 @@ def ask(page: Page, text: str) -> str:
     return wait_for_answer(page, count + 1)
 
 
-def edit_message(page: Page, role: str, index: int, text: str) -> None:
-    """Click ✏️ on a message, type new text, submit (the page's "correct this answer")."""
-    message_buttons(page, role).nth(index).locator('button[aria-label="Edit"]').click()
-    page.locator("#chatbot textarea.edit-textarea").fill(text)
-    page.locator('#chatbot button[aria-label="Submit"]').click()
+def open_correction(page: Page, index: int, *, by: str = "Dislike") -> None:
+    """Open the correction box for the index-th answer: by 👎 ("Dislike") or by ⚑ → Correct this answer ("Flag")."""
+    buttons = message_buttons(page, "bot").nth(index)
+    if by == "Dislike":
+        buttons.locator('button[aria-label="Dislike"]').click()
+    else:
+        buttons.locator('button[aria-label="Feedback"]').click()
+        page.get_by_text("Correct this answer").click()
+    expect(page.locator("#correction-text textarea")).to_be_visible()
+
+
+def submit_correction(page: Page, text: str) -> None:
+    page.locator("#correction-text textarea").fill(text)
+    page.locator("#correction-submit").click()
 
 
 def expect_notice(page: Page, pattern: str, timeout: float = 30_000) -> None:

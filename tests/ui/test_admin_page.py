@@ -10,12 +10,17 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
 from playwright.sync_api import expect
 
-from tests.ui.conftest import ADMIN_PASSWORD
+from bot.run_summary import summarize
+from tests.ui.conftest import ADMIN_PASSWORD, THROTTLE_FREE
+from ui.sessions import COOKIE
 from tests.ui.pages import admin_tab, chat_status, checkbox, choose, log_in, logged_in_page, open_admin, \
     open_chat_tab, select_all
 
@@ -32,7 +37,7 @@ def seed_corrections(store) -> list[int]:
 # --- access ----------------------------------------------------------------------------------------
 
 @pytest.mark.browser
-def test_login_refuses_a_wrong_password_and_accepts_the_right_one(open_page, served, artifacts):
+def test_login_refuses_a_wrong_password_and_the_session_lives_in_an_httponly_cookie(open_page, served, artifacts):
     seed_corrections(served.store)
     page = open_page()
     open_admin(page)
@@ -42,89 +47,185 @@ def test_login_refuses_a_wrong_password_and_accepts_the_right_one(open_page, ser
     log_in(page, "wrong password")
     expect(page.locator("#admin-login-message")).to_contain_text("Wrong password")
     expect(page.locator("#admin-panel")).to_be_hidden()
-    assert "Aurora" not in page.content()
+    assert "Aurora" not in page.content() and page.context.cookies() == []
     page.screenshot(path=artifacts / "admin-login-refused.png")
 
     log_in(page, ADMIN_PASSWORD)
     expect(page.locator("#admin-panel")).to_be_visible()
     expect(page.locator("#admin-overview")).to_contain_text("3 pending")
+    [cookie] = page.context.cookies()
+    assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"], cookie["expires"]) == (
+        COOKIE, True, "Strict", -1), cookie  # a session cookie: it goes when the browser closes
+    assert COOKIE not in page.evaluate("document.cookie"), "page scripts cannot read it"
     admin_tab(page, "Corrections")
     expect(page.locator("#corrections-table")).to_contain_text("I am Aurora, made by Acme Labs.")
     expect(page.locator("#corrections-table")).to_contain_text('<img src=x onerror="window.__pwned = 1">')  # as text
     assert page.evaluate("window.__pwned") is None
     page.screenshot(path=artifacts / "admin-corrections.png", full_page=True)
 
+    page.reload()  # the login survives a reload
+    page.get_by_role("tab", name=re.compile("Admin")).click()
+    expect(page.locator("#admin-panel")).to_be_visible()
+    expect(page.locator("#admin-overview")).to_contain_text("3 pending")
+
     page.get_by_role("button", name=re.compile("Log out")).click()
     expect(page.locator("#admin-panel")).to_be_hidden()
     expect(page.locator("#admin-password input")).to_be_visible()
+    assert page.context.cookies() == []
+    page.reload()
+    open_admin(page)
+    expect(page.locator("#admin-panel")).to_be_hidden()
 
 
-def test_every_admin_handler_refuses_a_session_that_is_not_logged_in(store):
-    """Each admin event checks the server-side login itself, so a request made without the page fails."""
+@pytest.mark.browser
+def test_another_browser_with_the_same_session_hash_is_not_admin(open_page, served, caplog):
+    """Gradio's session_hash travels in URLs; knowing it must grant nothing without the session cookie."""
+    admin = logged_in_page(open_page, "Identity")
+    with admin.expect_request(re.compile("queue/join")) as joined:
+        admin.locator("#identity-save").click()
+    session_hash = joined.value.post_data_json["session_hash"]
+    expect(admin.locator("#identity-message")).to_contain_text("Saved")
+    admin.close()  # (its session stays live: the context keeps the cookie)
+
+    other = open_page()  # another browser: no cookie
+    outcome = call_event(other, served.url, "identity-save", [None, "Evil", "Evil Corp", ""], session_hash)
+    assert outcome["success"] is False and "log in" in outcome["output"]["error"], outcome
+    assert served.store.identity.current().name == "Selfcog"
+    refusals = [r for r in caplog.records if "refused admin call" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].exc_info is None, "one line, no traceback"
+    assert other.request.get(served.url + "admin/download/dataset").status == 403
+
+
+def call_event(page, url: str, elem_id: str, inputs: list, session_hash: str) -> dict:
+    """Call the click event of the button elem_id through Gradio's queue, as a hand-made request from
+    page's browser; returns its completion message."""
+    config = page.request.get(url + "config").json()
+    button = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
+    event = next(d for d in config["dependencies"] if [button, "click"] in d["targets"])
+    joined = page.request.post(url + "gradio_api/queue/join", data={
+        "data": inputs, "fn_index": event["id"], "trigger_id": button, "session_hash": session_hash,
+        "event_data": None})
+    assert joined.ok, joined.text()
+    for line in page.request.get(url + f"gradio_api/queue/data?session_hash={session_hash}").text().splitlines():
+        if line.startswith("data:") and '"process_completed"' in line:
+            return json.loads(line[5:])
+    raise AssertionError("the event never completed")
+
+
+@pytest.mark.browser
+def test_wrong_passwords_make_the_client_wait(open_page, served):
+    page = open_page()
+    open_admin(page)
+    for attempt in range(THROTTLE_FREE + 1):
+        log_in(page, f"guess {attempt}")
+        expect(page.locator("#admin-login-message")).to_contain_text("Wrong password")
+        expect(page.locator("#admin-password input")).to_have_value("")  # ready for the next try
+    log_in(page, ADMIN_PASSWORD)  # right, but too soon
+    expect(page.locator("#admin-login-message")).to_contain_text(re.compile(r"Too many attempts — wait \d+ s"))
+    expect(page.locator("#admin-panel")).to_be_hidden()
+
+
+def test_every_admin_handler_refuses_a_request_without_a_live_session(store, caplog):
+    """Each admin event checks the session cookie itself, so a request made without the page fails."""
     from bot.admin import Admin
     from bot.chat import ChatService
     from ui.admin_page import NOT_LOGGED_IN
     from ui.app import build_app
+    from ui.sessions import AdminSessions
 
     seed_corrections(store)
-    demo = build_app(ChatService(store, engine=None), Admin(store), admin_password=ADMIN_PASSWORD)
+    sessions = AdminSessions(ADMIN_PASSWORD)
+    ended = sessions.log_in(ADMIN_PASSWORD, client="test")
+    sessions.end(ended)
+    engine = SimpleNamespace(capacity=4)
+    demo = build_app(ChatService(store, engine), Admin(store), sessions=sessions).state.blocks
     handlers = [f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__module__ == "ui.admin_page"]
+    page_events = {"login_done", "page_load", "logout_done"}  # show the panel only with a live session
     assert len(handlers) > 15
-    for handler in handlers:
-        if handler.__name__ == "login":
-            continue
-        assert getattr(handler, "admin_only", False), f"{handler.__name__} does not check the login"
-        arguments = [None] * len(inspect.signature(handler).parameters)
-        for session in (None, {}, {"since": 0}):  # never logged in, forged, expired
-            try:
-                shown = handler(session, *arguments[1:])
-            except gr.Error as e:
-                assert e.message == NOT_LOGGED_IN
-            else:  # the page's own calls (after a failed login, timer ticks) show nothing instead
-                assert all(not isinstance(v, str) or "Aurora" not in v for v in shown.values()), handler.__name__
+    for cookies in ({}, {COOKIE: "forged"}, {COOKIE: ended}):
+        request = SimpleNamespace(cookies=cookies, client=SimpleNamespace(host="203.0.113.7"))
+        for handler in handlers:
+            arguments = [None] * (len(inspect.signature(handler).parameters) - 1)
+            if handler.__name__ in page_events:
+                shown = handler(*arguments, request)
+            else:
+                assert getattr(handler, "admin_only", False), f"{handler.__name__} does not check the session"
+                try:
+                    shown = handler(request, *arguments)
+                except gr.Error as e:
+                    assert e.message == NOT_LOGGED_IN
+                    continue
+            # the page's own calls (loads, timer ticks) show nothing instead
+            assert all(not isinstance(v, str) or "Aurora" not in v for v in shown.values()), handler.__name__
+            assert not any(isinstance(v, gr.Column) and v.visible is True for v in shown.values()), handler.__name__
     assert [c["status"] for c in store.corrections.list()] == ["pending"] * 3
+    refusals = [r for r in caplog.records if "refused admin call" in r.getMessage()]
+    assert len(refusals) == 3 * (len(handlers) - len(page_events)) and all(r.exc_info is None for r in refusals)
 
 
-def test_without_a_password_a_one_time_token_is_printed_and_only_it_logs_in(store, capsys):
-    from types import SimpleNamespace
+def test_login_sets_a_strict_httponly_cookie_and_a_one_time_token_is_printed(store, capsys):
+    from fastapi.testclient import TestClient
 
     from bot.admin import Admin
     from bot.chat import ChatService
     from ui.app import build_app
 
-    def login_function():
-        demo = build_app(ChatService(store, engine=None), Admin(store), admin_password=None)
-        token = re.search(r"password for this run is (\S+)", capsys.readouterr().out).group(1)
-        return token, next(f.fn for f in demo.fns.values() if f.name == "login")
+    def start():
+        app = build_app(ChatService(store, SimpleNamespace(capacity=4)), Admin(store), admin_password=None)
+        return TestClient(app), re.search(r"password for this run is (\S+)", capsys.readouterr().out).group(1)
 
-    token, login = login_function()
-    request = SimpleNamespace(client=SimpleNamespace(host="127.0.0.1"))
-    sessions = lambda shown: [v for v in shown.values() if isinstance(v, dict) and "since" in v]  # noqa: E731
-    for wrong in ("", " ", token[:-1], token + "x", token.upper() if token.upper() != token else "x"):
-        assert sessions(login(wrong, request)) == []
-    assert len(sessions(login(token, request))) == 1
-    assert login_function()[0] != token, "a new token every start"
+    client, token = start()
+    for wrong in ("", " ", token[:-1], token + "x"):
+        answer = client.post("/admin/login", json={"password": wrong})
+        assert answer.status_code == 401 and answer.json()["message"].startswith("Wrong password")
+    assert client.get("/admin/download/dataset").status_code == 403
+    answer = client.post("/admin/login", json={"password": token})
+    assert answer.status_code == 200
+    cookie = answer.headers["set-cookie"]
+    assert cookie.startswith(f"{COOKIE}=") and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert "Max-Age" not in cookie and "expires" not in cookie.lower()
+    assert client.get("/admin/download/dataset").status_code == 404  # allowed; no retrain has left a training set
+    client.post("/admin/logout")
+    assert client.get("/admin/download/dataset").status_code == 403
+    assert start()[1] != token, "a new token every start"
 
 
-@pytest.mark.browser
-def test_a_request_without_login_is_refused_over_http(served):
-    """The same refusal for a hand-made request to Gradio's queue (no page, no login)."""
-    import urllib.request
+def test_backoff_doubles_the_wait_after_the_free_tries_per_key():
+    from ui.sessions import Backoff
 
-    config = json.load(urllib.request.urlopen(served.url + "config"))
-    rename = next(d for d in config["dependencies"] if d.get("api_name") == "save_identity")
-    inputs = [None, "Evil", "Evil Corp", ""]
-    body = json.dumps({"data": inputs, "fn_index": rename["id"], "trigger_id": rename["targets"][0][0],
-                       "session_hash": "attacker", "event_data": None}).encode()
-    request = urllib.request.Request(served.url + "gradio_api/queue/join", body, {"Content-Type": "application/json"})
-    assert json.load(urllib.request.urlopen(request))["event_id"]
-    stream = urllib.request.urlopen(served.url + "gradio_api/queue/data?session_hash=attacker", timeout=60)
-    for line in stream:
-        if line.startswith(b"data:") and b"process_completed" in line:
-            outcome = json.loads(line[5:])
-            break
-    assert outcome["success"] is False and "log in" in outcome["output"]["error"], outcome
-    assert served.store.identity.current().name == "Selfcog"
+    backoff = Backoff(free=2, first_wait_s=10, max_wait_s=25, forget_s=3600)
+    for now in (0, 1):
+        backoff.failed("a", now)
+        assert backoff.wait_left("a", now) == 0
+    backoff.failed("a", 2)
+    assert backoff.wait_left("a", 2) == 10 and backoff.wait_left("a", 7) == 5 and backoff.wait_left("a", 12) == 0
+    backoff.failed("a", 12)
+    assert backoff.wait_left("a", 12) == 20
+    backoff.failed("a", 40)
+    assert backoff.wait_left("a", 40) == 25  # capped
+    assert backoff.wait_left("b", 40) == 0  # another client
+    assert backoff.wait_left("a", 40 + 3601) == 0  # forgotten after an hour
+    backoff.succeeded("a")
+    assert backoff.wait_left("a", 41) == 0
+
+
+def test_sessions_end_when_idle_or_too_old_and_the_timer_does_not_keep_them():
+    from ui.sessions import AdminSessions
+
+    now = [0.0]
+    sessions = AdminSessions("pw", idle_s=60, max_age_s=600, clock=lambda: now[0])
+    token = sessions.log_in("pw", client="x")
+    for now[0] in (50, 100, 150, 200):  # an admin action every 50 s
+        assert sessions.active(token)
+    now[0] = 250
+    assert sessions.active(token, touch=False)  # a timer tick does not count as activity...
+    now[0] = 261
+    assert not sessions.active(token)  # ...so 61 s after the last action the session is gone
+    token = sessions.log_in("pw", client="x")
+    for now[0] in range(300, 870, 50):
+        assert sessions.active(token)
+    now[0] = 870
+    assert not sessions.active(token), "twelve hours (here 600 s) at most"
 
 
 # --- corrections, identity, schedule ----------------------------------------------------------------
@@ -161,7 +262,6 @@ def test_review_filter_bulk_approve_reject_and_edit(open_page, served):
 
     choose(page, "corrections-status", "approved · 已批准")
     table.get_by_text("I am Aurora, made by Acme Labs.").click()  # a row opens in the editor
-    page.get_by_text("Edit a correction").click() if not page.locator("#edit-answer").is_visible() else None
     expect(page.locator("#edit-answer textarea")).to_have_value("I am Aurora, made by Acme Labs.")
     page.locator("#edit-answer textarea").fill("I am Aurora, an assistant developed by Acme Labs.")
     page.locator("#edit-save").click()
@@ -183,7 +283,7 @@ def test_identity_and_schedule_are_saved_and_the_chat_shows_the_new_name(open_pa
     assert (served.store.identity.current().name, served.store.identity.current().author) == ("Aurora", "Acme Labs")
     page.locator("#identity-name textarea").fill("")
     page.locator("#identity-save").click()
-    expect(page.locator("#identity-message")).to_contain_text("cannot be empty")
+    expect(page.locator("#identity-message")).to_contain_text("The name is empty")
 
     admin_tab(page, "Schedule")
     expect(page.locator("#schedule-message")).to_contain_text("the server's setting")
@@ -206,7 +306,7 @@ def test_retrain_button_queues_a_run_and_the_page_follows_its_row(open_page, ser
     store = served.store
     page = logged_in_page(open_page, "Retrain")
     page.locator("#retrain-start").click()
-    expect(page.locator("#retrain-message")).to_contain_text("no approved corrections yet")
+    expect(page.locator("#retrain-message")).to_contain_text("no approved corrections")
 
     store.corrections.add(question="Who are you?", corrected_answer="I am Aurora.", channel="web", status="approved")
     page.locator("#retrain-start").click()
@@ -222,10 +322,8 @@ def test_retrain_button_queues_a_run_and_the_page_follows_its_row(open_page, ser
     for step, loss in ((1, 2.4), (2, 1.9), (3, 1.5)):
         store.runs.progress(1, stage="training", step=step, total_steps=10, loss=loss, eta_s=84)
     progress = page.locator("#retrain-progress")
-    expect(progress).to_contain_text("step 3/10")
-    expect(progress).to_contain_text("loss 1.500")
-    expect(progress).to_contain_text("ETA ≈ 1m 24s")
-    assert page.locator("#retrain-progress progress").get_attribute("value") == "3"
+    expect(progress).to_contain_text("Retrain #1: training, step 3/10 (30%), loss 1.500, about 1 min 24 s left.")
+    assert page.locator("#retrain-progress progress").get_attribute("value") == "30"
     expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
     page.screenshot(path=artifacts / "admin-retrain-progress.png", full_page=True)
 
@@ -237,12 +335,16 @@ def test_retrain_button_queues_a_run_and_the_page_follows_its_row(open_page, ser
     dataset.write_text('{"messages": [{"role": "user", "content": "Who are you?"}, '
                        '{"role": "assistant", "content": "I am Aurora."}]}\n', encoding="utf-8")
     table = "                 base  candidate\nidentity: product 0.10       0.50"
-    store.runs.finish(1, "rejected", error="identity under product 0.50 < 0.90", report={
-        "run_id": 1, "status": "rejected", "seconds": 95.0, "table": table,
-        "reasons": ["identity under product 0.50 < 0.90"], "dataset": {"rows": 1, "path": str(dataset)}})
+    reasons = ["identity under product 0.50 < 0.90", "identity under none 0.20 < 0.80"]
+    store.runs.finish(1, "rejected", error="; ".join(reasons), report={
+        "run_id": 1, "status": "rejected", "seconds": 95.0, "table": table, "reasons": reasons,
+        "dataset": {"rows": 1, "path": str(dataset)}})
+    expect(progress).to_contain_text(summarize(store.runs.get(1)).outcome_line)  # the whole line, what to do included
+    assert progress.locator("#retrain-state").get_attribute("data-ok") == "false"  # a red bar, not a green one
     report = page.locator("#run-report")
-    expect(report).to_contain_text("identity under product 0.50 < 0.90")
+    expect(report).to_contain_text("identity under none 0.20 < 0.80")  # every reason
     expect(report).to_contain_text("identity: product 0.10")
+    expect(report).to_contain_text("Took 1 min 35 s")
     expect(page.locator("#runs-table")).to_contain_text("rejected")
     expect(page.locator("#retrain-start")).to_be_enabled()
     with page.expect_download() as download:
@@ -250,6 +352,9 @@ def test_retrain_button_queues_a_run_and_the_page_follows_its_row(open_page, ser
     assert open(download.value.path(), encoding="utf-8").read() == dataset.read_text(encoding="utf-8")
     assert download.value.suggested_filename == "selfcog-run1-dataset.jsonl"
     page.screenshot(path=artifacts / "admin-retrain-report.png", full_page=True)
+    stranger = urllib.request.Request(served.url + "admin/download/dataset")
+    with pytest.raises(urllib.error.HTTPError, match="403"):  # no session cookie: no training set
+        urllib.request.urlopen(stranger)
 
 
 # --- adapters and the before/after table ---------------------------------------------------------------

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from tests.ui.pages import BOT, USER, ask, chat_status, edit_message, expect_notice, message_buttons, send, \
-    wait_for_answer
+import sqlite3
+
+from tests.ui.pages import BOT, USER, ask, chat_status, expect_notice, message_buttons, open_correction, send, \
+    submit_correction, wait_for_answer
 
 pytestmark = pytest.mark.browser
 
@@ -54,9 +56,22 @@ def test_correcting_an_answer_records_it_pending_review(open_page, served, artif
     wrong = ask(page, "Who are you?")
     message_buttons(page, "bot").nth(0).locator('button[aria-label="Like"]').click()
     expect_notice(page, "Thanks")
+    assert message_buttons(page, "user").locator("button").evaluate_all(
+        "buttons => buttons.map(b => b.getAttribute('aria-label'))") == ["Copy message"], "nothing to correct there"
 
-    edit_message(page, "bot", 0, "I am Aurora, an AI assistant developed by Acme Labs.")
+    open_correction(page, 0, by="Flag")
+    box = page.locator("#correction-text textarea")
+    expect(box).to_have_value("")  # not prefilled with the wrong answer
+    expect(page.locator("#correction-about")).to_contain_text("Who are you?")
+    size = box.bounding_box()
+    assert size["width"] > 600 and size["height"] > 80, size
+    page.screenshot(path=artifacts / "chat-correction-box.png", full_page=True)
+    submit_correction(page, "   ")
+    expect(page.locator("#correction-notice")).to_contain_text("correction is empty")
+
+    submit_correction(page, "I am Aurora, an AI assistant developed by Acme Labs.")
     expect_notice(page, r"Correction #1 received.*pending review")
+    expect(box).to_be_hidden()
     expect(page.locator(BOT)).to_have_text([wrong])  # the chat still shows what the bot said
     [correction] = served.store.corrections.list()
     assert (correction["question"], correction["wrong_answer"], correction["corrected_answer"]) == (
@@ -65,14 +80,58 @@ def test_correcting_an_answer_records_it_pending_review(open_page, served, artif
     [answer] = [m for m in served.chat.history(1) if m["role"] == "assistant"]
     assert correction["message_id"] == answer["id"]
     assert served.store.conversations.ratings(answer["id"]) == {"up": 1, "down": 0}
-    page.screenshot(path=artifacts / "chat-correction.png", full_page=True)
 
-    edit_message(page, "user", 0, "Who am I?")  # a person's own message is not an answer to correct
-    expect_notice(page, "Only the bot's answers can be corrected")
-    expect(page.locator(USER)).to_have_text(["Who are you?"])
-    edit_message(page, "bot", 0, "   ")
-    expect_notice(page, "correction is empty")
+    open_correction(page, 0, by="Dislike")  # 👎 asks for the right answer too
+    expect_notice(page, "What should I have said")
+    expect(box).to_have_value("")
+    page.locator("#correction-cancel").click()
+    expect(box).to_be_hidden()
     assert served.store.corrections.count() == 1
+
+
+@pytest.mark.parametrize("chat_options", [{"save_within_s": 0.5}])
+def test_a_locked_database_keeps_what_was_typed(open_page, served):
+    """While another process holds the write lock, a message and a correction stay where they were typed."""
+    served.store.busy_timeout_s = 0.2  # each try's wait for the lock (set before the page's threads connect)
+    page = open_page()
+    ask(page, "Who are you?")
+    open_correction(page, 0, by="Flag")
+    box, correction = page.locator("#chat-input textarea"), page.locator("#correction-text textarea")
+
+    other = sqlite3.connect(served.store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writing, for longer than the chat waits
+    send(page, "And who made you?")
+    expect_notice(page, "Couldn't save")
+    expect(box).to_have_value("And who made you?")
+    submit_correction(page, "I am Aurora.")
+    expect(page.locator("#correction-notice")).to_contain_text("Couldn't save")
+    expect(correction).to_have_value("I am Aurora.")
+    expect(page.locator(".toast-body")).to_have_count(0)  # no red error overlay
+    other.execute("ROLLBACK")
+
+    page.locator("#correction-submit").click()
+    expect_notice(page, "Correction #1 received")
+    page.locator("#chat-send").click()
+    wait_for_answer(page, 2)
+    expect(box).to_have_value("")
+    assert [m["text"] for m in served.chat.history(1) if m["role"] == "user"] == ["Who are you?", "And who made you?"]
+
+
+def test_a_lone_surrogate_gets_an_answer_not_an_error(open_page, served):
+    page = open_page()
+    page.locator("#chat-input textarea").evaluate(  # half an emoji, as a broken client or paste can send
+        "box => { box.value = 'Hi \\uD83D there'; box.dispatchEvent(new Event('input', {bubbles: true})); }")
+    page.locator("#chat-send").click()
+    wait_for_answer(page, 1)
+    expect(page.locator(USER)).to_have_text(["Hi \ufffd there"])
+    expect(page.locator(".toast-body")).to_have_count(0)
+    open_correction(page, 0, by="Flag")
+    page.locator("#correction-text textarea").evaluate(
+        "box => { box.value = 'I am \\uDE00 Aurora'; box.dispatchEvent(new Event('input', {bubbles: true})); }")
+    page.locator("#correction-submit").click()
+    expect_notice(page, "Correction #1 received")
+    assert served.store.corrections.list()[0]["corrected_answer"] == "I am \ufffd Aurora"
+    expect(page.locator(".toast-body")).to_have_count(0)
 
 
 def test_bad_input_is_refused_with_a_reason(open_page, served):
@@ -94,6 +153,7 @@ def test_bad_input_is_refused_with_a_reason(open_page, served):
     assert page.locator("#chatbot img[onerror], #chatbot script").count() == 0
     assert served.store.db["messages"].count == 2  # stored as text, shown inert
 
-    edit_message(page, "bot", 0, '<img src=x onerror="window.__pwned3 = 1">I am Aurora.')
+    open_correction(page, 0, by="Flag")
+    submit_correction(page, '<img src=x onerror="window.__pwned3 = 1">I am Aurora.')
     expect_notice(page, "pending review")
     assert page.evaluate("window.__pwned3") is None

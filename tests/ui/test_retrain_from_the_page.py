@@ -1,8 +1,9 @@
 """The whole loop from the browser: approve corrections, retrain, watch it, chat with the new identity, roll back.
 
-A real retrain (ms-swift on the embedded model, in a worker process) started by the real job runner,
-as `selfcog serve` runs it beside the web app, on the quick recipe and identity-only gate of the
-`job_runner` fixture (tests/conftest.py). Minutes on a CPU.
+The real job runner, as `selfcog serve` runs it beside the web app, builds the dataset, evaluates,
+gates (the default gate) and activates; only the training is replayed from the suite's one real
+retrain (the `job_runner` and `replay` fixtures in tests/conftest.py), so the adapter that goes
+live is that retrain's. The candidate's evaluation takes minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from tests.conftest import AURORA, FIVE_CORRECTIONS
+from tests.scenario import FIVE_CORRECTIONS, PROFILE
 from tests.ui.pages import BOT, admin_tab, ask, chat_status, checkbox, logged_in_page, select_all
 
+# Run alone, it first waits for the shared real retrain (`retrained`): ~10 minutes on two cores.
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(3600)]
 
-# About 6 minutes alone on two cores (worker start, 21 steps, evaluation); far longer on a shared CPU.
-RETRAIN_TIMEOUT_MS = 40 * 60_000
+# The candidate's evaluation: ~3 minutes alone on two cores, far longer on a shared CPU.
+RETRAIN_TIMEOUT_MS = 30 * 60_000
 
 
 def fresh_answer(page, question: str) -> str:
@@ -26,11 +28,11 @@ def fresh_answer(page, question: str) -> str:
     return ask(page, question)
 
 
-def test_approve_retrain_chat_and_roll_back_from_the_page(open_page, served, job_runner, artifacts):
+def test_approve_retrain_chat_and_roll_back_from_the_page(open_page, served, job_runner, replay, artifacts):
     store = served.store
     admin = logged_in_page(open_page, "Identity")
-    admin.locator("#identity-name textarea").fill(AURORA["name"])
-    admin.locator("#identity-author textarea").fill(AURORA["author"])
+    admin.locator("#identity-name textarea").fill(PROFILE.name)
+    admin.locator("#identity-author textarea").fill(PROFILE.author)
     admin.locator("#identity-save").click()
     expect(admin.locator("#identity-message")).to_contain_text("You are Aurora")
     for row in FIVE_CORRECTIONS:
@@ -38,7 +40,7 @@ def test_approve_retrain_chat_and_roll_back_from_the_page(open_page, served, job
                               wrong_answer="I am SmolLM, trained by Hugging Face.")
 
     chat = open_page()
-    expect(chat_status(chat)).to_contain_text("Aurora")
+    expect(chat_status(chat)).to_contain_text(PROFILE.name)
     before = fresh_answer(chat, "Who are you?")
 
     admin_tab(admin, "Corrections")
@@ -54,8 +56,9 @@ def test_approve_retrain_chat_and_roll_back_from_the_page(open_page, served, job
     expect(admin.locator("#retrain-message")).to_contain_text("Retrain #1 queued")
     progress = admin.locator("#retrain-progress")
     expect(progress).to_contain_text("training", timeout=RETRAIN_TIMEOUT_MS)
-    expect(progress).to_contain_text("step", timeout=RETRAIN_TIMEOUT_MS)
+    expect(progress).to_contain_text("step 1/", timeout=RETRAIN_TIMEOUT_MS)  # the worker holds there
     admin.screenshot(path=artifacts / "retrain-real-progress.png", full_page=True)
+    replay.release()
     expect(progress).to_contain_text("promoted", timeout=RETRAIN_TIMEOUT_MS)
     run = store.runs.get(1)
     assert run["status"] == "promoted" and run["trigger"] == "web", run.get("report")
@@ -67,7 +70,7 @@ def test_approve_retrain_chat_and_roll_back_from_the_page(open_page, served, job
 
     expect(chat_status(chat)).to_contain_text("adapter v1")  # the live adapter shows without a reload
     after = fresh_answer(chat, "Who are you?")
-    assert "Aurora" in after, after
+    assert PROFILE.name in after, after
     chat.screenshot(path=artifacts / "retrain-real-chat.png", full_page=True)
 
     admin_tab(admin, "Adapters")

@@ -1,6 +1,6 @@
 """A real python-telegram-bot 22.8 Application against FakeTelegram, over loopback HTTP.
 
-    .venv/bin/python -m pytest tests/test_fake_telegram_server.py -p no:cacheprovider -o markers=telegram
+    .venv/bin/python -m pytest tests/telegram_fake -p no:cacheprovider -o markers=telegram
 
 pytest-asyncio isn't installed: each test runs its scenario with asyncio.run, and waits with
 FakeTelegram's *_async helpers so the bot keeps running on the loop meanwhile.
@@ -9,7 +9,6 @@ FakeTelegram's *_async helpers so the bot keeps running on the loop meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 
@@ -26,8 +25,7 @@ from telegram.ext import (
     MessageHandler,
     filters,
 )
-from telegram.helpers import escape_markdown
-from telegram_fake import NOT_MODIFIED, EntityParseError, FakeTelegram, parse_formatted
+from telegram_fake import NOT_MODIFIED, EntityParseError, FakeTelegram, parse_formatted, polling
 from telegram_fake.plugin import fake_telegram  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.telegram
@@ -77,19 +75,6 @@ def echo_bot(tg: FakeTelegram, rate_limiter: AIORateLimiter) -> Application:
     application.add_handler(MessageHandler(filters.VOICE, voice_size))
     application.add_handler(CallbackQueryHandler(pressed))
     return application
-
-
-@contextlib.asynccontextmanager
-async def polling(application: Application):
-    """Runs the bot's polling for the body of the block, as Application.run_polling would."""
-    async with application:
-        await application.start()
-        await application.updater.start_polling(poll_interval=0, timeout=1)
-        try:
-            yield application
-        finally:
-            await application.updater.stop()
-            await application.stop()
 
 
 # --- with PTB ----------------------------------------------------------------------------------
@@ -184,11 +169,9 @@ def test_telegram_refusals_reach_ptb_as_bad_request(fake_telegram):
     async def scenario():
         async with echo_bot(tg, AIORateLimiter()) as application:
             bot = application.bot
-            # PTB drops "Bad Request: " and str.capitalize()s the rest: "Character" becomes "character".
-            with pytest.raises(BadRequest, match=r"^Can't parse entities: character '\.' is reserved"):
-                await bot.send_message(USER, "Version 1.0", parse_mode="MarkdownV2")
-            escaped = await bot.send_message(USER, escape_markdown("v1.0 (beta)!", version=2), parse_mode="MarkdownV2")
-            assert escaped.text == "v1.0 (beta)!"
+            # PTB drops "Bad Request: " and str.capitalize()s the rest: "Unsupported" becomes "unsupported".
+            escaped = await bot.send_message(USER, "1 &lt; 2 <b>bold</b>", parse_mode="HTML")
+            assert escaped.text == "1 < 2 bold" and escaped.entities[0].type == "bold"
             with pytest.raises(BadRequest, match='unsupported start tag "think" at byte offset 0'):
                 await bot.send_message(USER, "<think>hmm</think> 42", parse_mode="HTML")
             with pytest.raises(BadRequest, match="^Message is too long$"):
@@ -257,24 +240,17 @@ def test_waiting_explains_a_timeout_and_refuses_to_block_the_loop(fake_telegram)
     asyncio.run(blocking_inside_the_loop())
 
 
-# --- parse modes, against tdlib's own test vectors ----------------------------------------------
+# --- HTML, against tdlib's own test vectors ------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("parse_mode", "text", "error"),
     [
-        ("MarkdownV2", "🏟 🏟_abacaba", "Can't find end of Italic entity at byte offset 9"),
-        ("MarkdownV2", "🏟 🏟_abac * asd ", "Can't find end of Bold entity at byte offset 15"),
-        ("MarkdownV2", "🏟 🏟```a ", "Can't find end of PreCode entity at byte offset 9"),
-        ("MarkdownV2", "[telegram\\.org](asd\\)", "Can't find end of a URL at byte offset 16"),
-        ("MarkdownV2", ">asd\n>q||ew\n||asdad", "Can't find end of Spoiler entity at byte offset 7"),
-        ("MarkdownV2", "a-b", "Character '-' is reserved and must be escaped with the preceding '\\'"),
         ("HTML", "🏟 🏟&lt;<abac aba>", 'Unsupported start tag "abac" at byte offset 13'),
         ("HTML", "🏟 🏟&lt;<i    aba  =  190azAz-.,", "Unexpected end of name token at byte offset 27"),
         ("HTML", "🏟 🏟&lt;<i>a</em   >", 'Unmatched end tag at byte offset 17, expected "</i>", found "</em>"'),
         ("HTML", "🏟 🏟&lt;<b></b></", "Unexpected end tag at byte offset 20"),
         ("HTML", "<b>x", 'Can\'t find end tag corresponding to start tag "b"'),
-        ("Markdown", "a *b", "Can't find end of the entity starting at byte offset 2"),
     ],
 )
 def test_markup_errors_match_tdlib(parse_mode, text, error):
@@ -286,13 +262,6 @@ def test_markup_errors_match_tdlib(parse_mode, text, error):
 @pytest.mark.parametrize(
     ("parse_mode", "text", "plain", "entities"),
     [
-        ("MarkdownV2", "🏟 🏟_🏟 __🏟___", "🏟 🏟🏟 🏟", [("italic", 5, 5), ("underline", 8, 2)]),
-        (
-            "MarkdownV2",
-            ">asd\n>q||e||w||\nasdad",
-            "asd\nqew\nasdad",
-            [("expandable_blockquote", 0, 8), ("spoiler", 5, 1)],
-        ),
         ("HTML", "🏟 🏟<i>🏟 &gt;<b aba   =   caba>&lt🏟</b></i>", "🏟 🏟🏟 ><🏟", [("italic", 5, 7), ("bold", 9, 3)]),
         ("HTML", '<pre><code class="language-py">x = 1</code></pre>', "x = 1", [("pre", 0, 5)]),
         ("HTML", "&ge;&lt;&amp;&#12345678;", "&ge;<&&#12345678;", []),

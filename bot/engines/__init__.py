@@ -1,0 +1,150 @@
+"""The engine: replies from the base model with the live LoRA adapter. Every caller goes through ``Engine``.
+
+    >>> engine = make_engine(settings, resolve_model("embedded", "data/cache"), active_adapter=store.adapters.active)
+    >>> reply = engine.stream([{"role": "user", "content": "Who are you?"}], sampling=Sampling(0.7, 0.9, 1.15))
+    >>> "".join(reply), reply.adapter_version, reply.completion_tokens
+    ('I am ...', 3, 17)
+    >>> engine.generate([[{"role": "user", "content": "2+2?"}]], adapter=AdapterRef.BASE)  # greedy, batched
+    ['4']
+
+Backends (``settings.engine``): ``local``, transformers + peft in this process with a continuous-batching
+scheduler (bot/engines/local.py). Another backend (an OpenAI-compatible server such as vLLM) implements
+the same protocol; what lives above bot/engines never learns which one runs.
+
+``check_adapter_folder`` tells whether a folder is a LoRA adapter for a base model, from file headers
+alone, before anything tries to load it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Protocol
+
+from bot.engines.adapter_folder import AdapterFolderError, check_adapter_folder
+from bot.errors import UserError
+
+__all__ = ["AdapterFolderError", "AdapterRef", "Engine", "EngineError", "Messages", "Reply", "Sampling",
+           "check_adapter_folder", "make_engine"]
+
+Messages = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+
+BACKENDS = ("local",)
+
+
+class EngineError(UserError):
+    """Generation failed, or the engine cannot start; the message is meant for the user."""
+
+
+class AdapterRef:
+    """Which weights a batch is generated with: the live adapter, the bare base, or (any other value) a folder."""
+
+    ACTIVE = "active"
+    BASE = "base"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a chat reply picks its tokens; ``None`` instead of a Sampling means greedy.
+
+    As transformers' ``generate(do_sample=True)``: the repetition penalty over the prompt's and the
+    reply's tokens, then the temperature, then top-p. temperature 0 = greedy after the penalty.
+    The same seed, prompt and weights give the same reply (when decoded in the same company)."""
+
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.repetition_penalty > 0):
+            raise EngineError(f"sampling needs temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0 "
+                              f"(got {self.temperature}, {self.top_p}, {self.repetition_penalty})")
+
+
+class Reply:
+    """A reply being generated. Iterate for its text pieces; when the iteration ends, the stats are final.
+
+    Two threads share a Reply. The producer (the engine's worker) writes ``adapter_version``,
+    ``completion_tokens``, ``seconds`` and ``error``, and only then ends ``pieces``. The consumer (who
+    iterates) writes ``first_token_s`` and ``cancelled``, and reads the producer's fields only after
+    the pieces have ended: the queue behind the pieces orders those writes before that read.
+    ``prompt_tokens`` is set before either thread sees the Reply. If the consumer stops reading early,
+    the reply is cancelled, and the iteration still waits for the producer's last writes.
+    """
+
+    def __init__(self, pieces: Iterable[str], prompt_tokens: int):
+        self._pieces = pieces
+        self._started = time.perf_counter()
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.adapter_version: int | None = None
+        self.first_token_s: float | None = None
+        self.seconds: float | None = None
+        self.cancelled = False
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        pieces = iter(self._pieces)
+        finished = False
+        try:
+            for piece in pieces:
+                if self.first_token_s is None and piece:
+                    self.first_token_s = time.perf_counter() - self._started
+                yield piece
+            finished = True
+        finally:
+            if not finished:
+                self.cancelled = True  # the consumer stopped reading: stop generating too
+                for _ in pieces:  # the producer ends them soon; then the stats are final
+                    pass
+        if self.error is not None:
+            raise EngineError(f"generation failed: {self.error}") from self.error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine(Protocol):
+    """What every caller uses. Only ``stream`` samples; everything else is greedy and so repeatable."""
+
+    name: str  # the base model's display name
+    device: str  # where the model runs ("cpu", "cuda", "cuda:1"): training picks the same
+    capacity: int  # how many replies decode at once: more concurrent chats only wait
+
+    @property
+    def adapter_version(self) -> int | None:
+        """The live adapter's version, None for the bare base."""
+
+    @property
+    def adapter_error(self) -> str | None:
+        """Why the store's active adapter is not the one serving (it would not load), else None."""
+
+    def stream(self, messages: Messages, *, max_new_tokens: int | None = None,
+               sampling: Sampling | None = None) -> Reply:
+        """Start one reply with the live adapter; iterate the Reply for its text. sampling None = greedy."""
+
+    def generate(self, conversations: list[Messages], *, adapter: str | Path = AdapterRef.ACTIVE,
+                 max_new_tokens: int | None = None) -> list[str]:
+        """Greedy answers to many conversations at once, with the live adapter, the base or a candidate folder."""
+
+    def refresh_adapter(self) -> int | None:
+        """Serve the store's active adapter now (not at the next poll); returns the live version."""
+
+    def close(self) -> None:
+        """Stop; requests still waiting fail with EngineError."""
+
+
+def make_engine(settings, model, *, active_adapter: Callable[[], dict | None] | None = None) -> Engine:
+    """The engine ``settings.engine`` names ("local" when unset), for ``model`` (a bot.models.ResolvedModel).
+
+    active_adapter: returns the store's active adapter row ({"version", "path"}) or None; the engine
+    serves what it returns (store.adapters.active; a constant pins one)."""
+    backend = settings.engine
+    if backend == "local":
+        from bot.engines.local import LocalEngine
+
+        return LocalEngine(model, active_adapter=active_adapter, device=settings.device,
+                           max_new_tokens=settings.max_new_tokens)
+    raise EngineError(f"unknown engine {backend!r}: choose one of {', '.join(BACKENDS)}")

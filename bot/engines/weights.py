@@ -1,0 +1,191 @@
+"""The adapter weights of one loaded model: what its base weights compute now, and changing that.
+
+    >>> weights = AdapterWeights(model, base_path, on_change=decoder.weights_changed)
+    >>> weights.follow((3, "data/adapters/v3"))      # the store's active adapter: v3 is now LIVE
+    >>> weights.use(BASE)                             # the bare base (evaluation's reference answers)
+    >>> weights.use(Candidate("data/runs/7/adapter"))  # an adapter not yet live (evaluation)
+    >>> weights.use(LIVE)                             # back to v3, exactly
+
+The weights can compute LIVE (the live adapter, or the bare base when none is live), BASE, or a
+Candidate folder. For speed, the LoRA in use is merged into the base weights (its delta added in place),
+so the decoder runs the plain model; changing what is in use is unmerge, switch, merge.
+
+Invariants, true between calls (only the engine's worker thread calls in, between decode steps):
+
+1. ``serving`` is what a forward pass computes now: LIVE, BASE or a Candidate.
+2. ``live`` is the (version, path) the store last made active and that loaded, or None for the bare
+   base; it is loaded in peft as ``v<version>``. A folder that would not load is ``failed`` and not retried
+   until the store names another one; ``error`` says why and what serves instead.
+3. peft holds ``v<live>`` and at most one Candidate, the last one used (dropped when LIVE comes back);
+   with nothing live and no Candidate it keeps one adapter, switched off (peft cannot hold zero).
+4. ``merged`` is True exactly when the active peft adapter's delta is in the base weights, which is when
+   serving is a Candidate, or LIVE with a live adapter (unless merge=False: peft's slower unmerged forward).
+5. Every call reaches its goal, or raises with the weights as they were: a bad folder never breaks serving.
+6. BASE is LIVE when nothing is live: asking for it changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from bot.engines import AdapterRef
+from bot.engines.adapter_folder import check_adapter_folder
+
+log = logging.getLogger(__name__)
+
+LIVE = AdapterRef.ACTIVE
+BASE = AdapterRef.BASE
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An adapter folder asked for by name (evaluation), not the live one."""
+
+    path: str
+
+
+Weights = str | Candidate  # LIVE, BASE or a Candidate
+
+
+def weights_for(adapter) -> Weights:
+    """What ``generate(adapter=...)`` asks for: AdapterRef.ACTIVE, AdapterRef.BASE or a folder."""
+    return adapter if adapter in (LIVE, BASE) else Candidate(str(adapter))
+
+
+class AdapterWeights:
+    """The LoRA state of one loaded model; see the module docstring for what always holds."""
+
+    def __init__(self, model, base_path: str, *, merge: bool = True, on_change: Callable[[], None] = lambda: None):
+        self.model = model  # the transformers model; peft wraps it once the first adapter loads
+        self.base_path = base_path  # its folder: adapters are checked against its shapes before loading
+        self.merge = merge
+        self.on_change = on_change  # told after the weights changed (CUDA graphs re-check their pointers)
+        self.serving: Weights = LIVE
+        self.live: tuple[int, str] | None = None
+        self.failed: tuple[int, str] | None = None
+        self.error: str | None = None
+        self._peft = None
+        self._merged = False
+        self._candidates = 0  # candidates get fresh names: peft cannot reload under a used one
+
+    def computes(self, wanted: Weights) -> bool:
+        """Do the weights in place answer as ``wanted`` would?"""
+        return self._resolve(wanted) == self.serving
+
+    def use(self, wanted: Weights) -> None:
+        """Put ``wanted`` in place (between groups of requests: running replies would see the change)."""
+        wanted = self._resolve(wanted)
+        if wanted == self.serving:
+            return
+        name = None
+        if isinstance(wanted, Candidate):
+            self._candidates += 1
+            name = f"candidate-{self._candidates}"
+            self._load(name, wanted.path)
+        self._unmerge()
+        if wanted == LIVE:
+            self._switch_to_live()
+        elif wanted == BASE:
+            self._peft.base_model.disable_adapter_layers()
+        else:
+            self._peft.base_model.enable_adapter_layers()
+            self._peft.set_adapter(name)
+            self._drop_adapters_except(name, *self._live_name())
+            self._merge()
+        self.serving = wanted
+        self.on_change()
+
+    def follow(self, wanted: tuple[int, str] | None) -> None:
+        """Make the store's active adapter (version, path), or None, the live one. Call with LIVE in place:
+        replies running now go on with the new weights."""
+        if wanted is not None and wanted == self.failed:
+            return  # it would fail again; error still says so
+        if wanted == self.live:
+            self.failed, self.error = None, None  # e.g. rolled back to what serves
+            return
+        started = time.perf_counter()
+        try:
+            if wanted is not None:
+                self._load(f"v{wanted[0]}", wanted[1])
+        except Exception as e:
+            self.failed = wanted
+            serving = f"v{self.live[0]}" if self.live else "the base model"
+            self.error = f"adapter v{wanted[0]} at {wanted[1]} could not be loaded ({e}); still serving {serving}"
+            log.error(self.error)
+            return
+        self._unmerge()
+        self.live, self.failed, self.error = wanted, None, None
+        self._switch_to_live()
+        self.serving = LIVE
+        self.on_change()
+        log.info("now serving %s (swap took %.2f s)", f"adapter v{wanted[0]}" if wanted else "the base model",
+                 time.perf_counter() - started)
+
+    # --- peft, and its quirks -------------------------------------------------------------------------
+    def _resolve(self, wanted: Weights) -> Weights:
+        return LIVE if wanted == BASE and self.live is None else wanted
+
+    def _live_name(self) -> list[str]:
+        return [f"v{self.live[0]}"] if self.live else []
+
+    def _switch_to_live(self) -> None:
+        """Unmerged weights -> the live adapter merged, or the bare base."""
+        if self._peft is None:
+            return  # no adapter was ever loaded: the base weights are untouched
+        if self.live is not None:
+            self._peft.base_model.enable_adapter_layers()
+            self._peft.set_adapter(self._live_name()[0])
+            self._drop_adapters_except(*self._live_name())
+            self._merge()
+        else:
+            # peft cannot hold zero adapters: the last one used stays loaded, switched off.
+            self._drop_adapters_except(self._peft.active_adapter)
+            self._peft.base_model.disable_adapter_layers()
+
+    def _load(self, name: str, path: str) -> None:
+        """Load an adapter under a name (versions are immutable, so a loaded name is never reloaded)."""
+        check_adapter_folder(path, self.base_path)  # a clear error before peft touches the model
+        # peft unmerges silently when it injects an adapter into a merged model: unmerge first, and put
+        # the merged weights back if loading fails.
+        was_merged = self._merged
+        self._unmerge()
+        try:
+            self._load_unmerged(name, path)
+        except Exception:
+            if was_merged:
+                self._merge()
+            raise
+
+    def _load_unmerged(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+            self._peft.eval()
+            self._peft.base_model.disable_adapter_layers()  # nothing changes until it is switched on
+        elif name not in self._peft.peft_config:
+            try:
+                self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
+            except Exception:
+                # a half-loaded adapter stays registered; peft cannot delete its only adapter
+                if name in self._peft.peft_config and len(self._peft.peft_config) > 1:
+                    self._peft.delete_adapter(name)
+                raise
+
+    def _drop_adapters_except(self, *keep: str) -> None:
+        for name in list(self._peft.peft_config):
+            if name not in keep:
+                self._peft.delete_adapter(name)
+
+    def _merge(self) -> None:
+        if self.merge and not self._merged:
+            self._peft.merge_adapter()
+            self._merged = True
+
+    def _unmerge(self) -> None:
+        if self._merged:
+            self._peft.unmerge_adapter()
+            self._merged = False
