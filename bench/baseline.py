@@ -3,7 +3,7 @@
 Read from git history (commit BASELINE_COMMIT) instead of kept as a second copy in the tree: one
 worker thread runs one job at a time, each streamed reply a transformers ``generate`` call with a
 TextIteratorStreamer (batch 1, merged LoRA), ``generate`` batching conversations with left padding.
-bench/cpu_decode.py and bench/gpu_decode.py run it side by side with bot.engine.LocalEngine.
+bench/cpu_decode.py and bench/gpu_decode.py run it side by side with bot.engines.local.LocalEngine.
 
 Where there is no git history (the GPU machine gets a copy of the working tree), the file written
 to bench/out/ here is used: carry ``bench/out`` along.

@@ -106,7 +106,7 @@ def swap_latency(engine, activate, version: int, busy_chats: int, max_new_tokens
             if "swap took" in record.getMessage():
                 swaps.append(record.getMessage())
 
-    grab, engine_log = Grab(), logging.getLogger("bot.engine")
+    grab, engine_log = Grab(), logging.getLogger("bot.engines")
     engine_log.addHandler(grab)
     level = engine_log.level
     engine_log.setLevel(logging.INFO)

@@ -63,7 +63,7 @@ def main() -> None:
         args.tokens, args.concurrent_tokens, args.rounds = 48, 24, 1
 
     from bench.baseline import baseline_engine_class
-    from bot.engine import LocalEngine
+    from bot.engines.local import LocalEngine
     from bot.models import resolve_model
 
     model = resolve_model("embedded", os.environ.get("SELFCOG_CACHE_DIR", REPO / ".cache"))

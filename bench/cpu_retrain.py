@@ -81,7 +81,7 @@ def worker_is_ready(pid: int, quiet_s: float = 3.0, limit_s: float = 300) -> flo
 
 def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
     import finetune.jobs as jobs
-    from bot.engine import LocalEngine
+    from bot.engines.local import LocalEngine
     from finetune.evaluate import evaluate
     from finetune.train import WarmWorkers
     from store import Store
@@ -98,7 +98,7 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
     follow = Follow()
     baseline = kind == "baseline"
     engine = LocalEngine(model, active_adapter=follow, batch_size=16 if baseline else None, max_new_tokens=64)
-    out = {"engine_slots": engine.batch_size}
+    out = {"engine_slots": engine.capacity}
     warm = None
     if not baseline:
         warm = WarmWorkers(prestart=True)  # what `selfcog serve` holds from its start
@@ -138,7 +138,8 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
 
 def cold_caches(model, cache_dir: Path) -> dict:
     """What a server computes once per base model: the general answers and the base's evaluation."""
-    from bot.engine import AdapterRef, LocalEngine
+    from bot.engines import AdapterRef
+    from bot.engines.local import LocalEngine
     from finetune import jobs
     from store import Profile
 

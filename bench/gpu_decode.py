@@ -92,7 +92,7 @@ def run_engine(kind: str, model, adapters: list[Path], args) -> dict:
 
     device = args.device
 
-    from bot.engine import LocalEngine
+    from bot.engines.local import LocalEngine
     from bench.baseline import baseline_engine_class
 
     follow = Follow({"version": 1, "path": str(adapters[0])})

@@ -153,7 +153,7 @@ def main() -> None:
 def evaluate_and_swap(model, adapter: str) -> dict:
     import torch
 
-    from bot.engine import LocalEngine
+    from bot.engines.local import LocalEngine
 
     follow = Follow(None)
     started = time.perf_counter()

@@ -19,14 +19,8 @@ STAGES = {"dataset": "building the dataset", "training": "training", "evaluating
           "activating": "activating"}
 FINISHED = ("promoted", "rejected", "failed", "cancelled", "skipped")
 
-# What to do about a gate refusal, by the first words of the gate's reason. The report's own
-# "advice" wins when the gate gives one.
-_ADVICE = [
-    (("identity bleed", "bleed"), "The candidate names itself where it should not: add general questions to the "
-                                  "corrections or lower the number of epochs, then retrain."),
-    (("retention", "facts"), "The candidate forgot general answers: retrain with fewer epochs or more replay rows."),
-    (("identity",), "Approve more corrections that state the identity, then retrain."),
-]
+# What to do after a refusal: the gate says (finetune/evaluate.py, report["advice"]); older reports
+# carry no advice.
 _DEFAULT_ADVICE = "The live weights stay; review the corrections, then retrain."
 
 
@@ -120,21 +114,13 @@ def _outcome_line(run: dict, report: dict, s: dict) -> str:
     if status == "rejected":
         why = s["reasons"][0] if s["reasons"] else (s["error"] or "the candidate did not pass the gate")
         more = f" (+{len(s['reasons']) - 1} more)" if len(s["reasons"]) > 1 else ""
-        return f"{number} rejected: {why}{more}. {report.get('advice') or _advice(why)}"
+        return f"{number} rejected: {why}{more}. {report.get('advice') or _DEFAULT_ADVICE}"
     if status == "cancelled":
         return f"{number} cancelled; the live weights stay."
     if status == "skipped":
         return f"{number} skipped: {_last_line(s['error']) or 'nothing to train'}."
     return (f"{number} failed: {_last_line(s['error']) or 'unknown error'}. The previous adapter stays live; "
             "fix the cause and retrain.")
-
-
-def _advice(reason: str) -> str:
-    reason = reason.lower()
-    for starts, advice in _ADVICE:
-        if reason.startswith(starts):
-            return advice
-    return _DEFAULT_ADVICE
 
 
 def _last_line(text: str | None, limit: int = 200) -> str:

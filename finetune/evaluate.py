@@ -390,16 +390,17 @@ class GateVerdict:
     passed: bool
     reasons: list[str]  # each check that failed, with its numbers
     line: str  # one line for people: what was decided, why, and what to do
+    advice: str = ""  # what to do, alone (empty when it passed)
 
 
 # What an admin can do about each failed check, in the order they are reported.
 _ADVICE = {
-    "identity": "approve more corrections that state the name and maker, then retrain",
-    "old_identity": "reject or edit approved corrections that still name the old identity, then retrain",
-    "bleed": "the identity leaks into unrelated answers: retrain (another seed) or approve fewer, shorter corrections",
-    "facts": "the candidate forgot facts the base knows: retrain (another seed)",
-    "retention": "the candidate's general answers drifted from the base's: retrain (another seed)",
-    "worse": "the live adapter answers identity questions better: keep it, or add corrections and retrain",
+    "identity": "Approve more corrections that state the name and maker, then retrain.",
+    "old_identity": "Reject or edit approved corrections that still name the old identity, then retrain.",
+    "bleed": "The identity leaks into unrelated answers: retrain (another seed) or approve fewer, shorter corrections.",
+    "facts": "The candidate forgot facts the base knows: retrain (another seed).",
+    "retention": "The candidate's general answers drifted from the base's: retrain (another seed).",
+    "worse": "The live adapter answers identity questions better: keep it, or add corrections and retrain.",
 }
 
 
@@ -440,4 +441,5 @@ def gate(candidate: EvalReport, base: EvalReport, live: EvalReport | None = None
     reasons = [text for _, text in failed]
     first_check, first_text = failed[0]
     more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
-    return GateVerdict(False, reasons, f"Refused: {first_text}{more}. What to do: {_ADVICE[first_check]}.")
+    advice = _ADVICE[first_check]
+    return GateVerdict(False, reasons, f"Refused: {first_text}{more}. What to do: {advice}", advice)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -99,6 +100,22 @@ def evaluate_weights(engine: Engine, adapter: str | Path, profile: Profile, base
     if path is not None:
         _save_report(report, path)
     return report
+
+
+def evaluate_current(store: Store, engine: Engine, model: ResolvedModel, cache_dir: Path,
+                     target: str | Path | None = None, label: str = "adapter") -> dict[str, EvalReport]:
+    """Base, the live adapter and (optionally) another folder under the current profile (`selfcog eval`)."""
+    profile, previous = store.identity.current(), earlier_profiles(store)
+    base_general = general_answers(engine, model, cache_dir)
+    reports = {"base": evaluate_weights(engine, AdapterRef.BASE, profile, base_general, cache_dir,
+                                        cache_as=f"{model.name}/base", previous=previous)}
+    if (live := store.adapters.active()) is not None:
+        reports[f"active v{live['version']}"] = evaluate_weights(engine, AdapterRef.ACTIVE, profile, base_general,
+                                                               cache_dir, cache_as=f"{model.name}/v{live['version']}",
+                                                               previous=previous)
+    if target is not None:
+        reports[label] = evaluate_weights(engine, target, profile, base_general, previous=previous)
+    return reports
 
 
 def earlier_profiles(store: Store) -> list[Profile]:
@@ -239,6 +256,7 @@ def evaluate_and_promote(run_id: int, candidate: Path, *, store: Store, engine: 
     report["table"] = report_table(columns)
     report["reasons"] = verdict.reasons
     report["verdict"] = verdict.line
+    report["advice"] = verdict.advice
     report["phases"]["evaluation"] = round(time.perf_counter() - clock, 1)
     run_dir = Path(settings.data_dir) / "runs" / str(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -319,6 +337,7 @@ class JobRunner:
         try:
             while not stop.is_set():
                 try:
+                    self.store.runs.runner_heartbeat(os.getpid())  # lets a queued request say a runner will take it
                     self.request_if_due()
                     run = self.store.runs.claim_next()
                     if run is not None:

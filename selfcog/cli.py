@@ -377,29 +377,17 @@ def eval_command(ctx: Context, adapter, as_json):
 
         selfcog eval --adapter 3
     """
-    from bot.engine import AdapterRef
-    from finetune.evaluate import report_table
-    from finetune.jobs import evaluate_weights, general_answers
-
     from bot.engines import check_adapter_folder
+    from finetune.evaluate import report_table
+    from finetune.jobs import evaluate_current
 
     target = None
     model = ctx.resolve_model()
     if adapter and adapter != "base":
         target = ctx.store.adapters.get(int(adapter))["path"] if adapter.isdigit() else adapter
         check_adapter_folder(target, model)  # before the model load: a folder for another model is one line
-    engine = ctx.engine()
-    profile = ctx.store.identity.current()
-    base_general = general_answers(engine, model, ctx.settings.cache_dir)
-    active = ctx.store.adapters.active()
-    reports = {"base": evaluate_weights(engine, AdapterRef.BASE, profile, base_general, ctx.settings.cache_dir,
-                                        cache_as=f"{model.name}/base")}
-    if active:
-        reports[f"active v{active['version']}"] = evaluate_weights(
-            engine, AdapterRef.ACTIVE, profile, base_general, ctx.settings.cache_dir,
-            cache_as=f"{model.name}/v{active['version']}")
-    if target:
-        reports[f"v{adapter}" if adapter.isdigit() else "adapter"] = evaluate_weights(engine, target, profile, base_general)
+    label = f"v{adapter}" if adapter and adapter.isdigit() else "adapter"
+    reports = evaluate_current(ctx.store, ctx.engine(), model, ctx.settings.cache_dir, target=target, label=label)
     if as_json:
         echo_json({name: report.to_dict() for name, report in reports.items()})
     else:

@@ -8,6 +8,7 @@ here, trained in a worker subprocess, evaluated on the already-loaded weights, a
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 from selfcog.config import Settings
@@ -30,8 +31,19 @@ def build_services(settings: Settings, store: Store):
     return model, engine, chat, Admin(store, engine=engine, model=model)
 
 
+def _stop_on_sigterm() -> None:
+    """`docker stop` / `systemctl stop` send SIGTERM: take the same path as Ctrl-C, so replies being shown
+    finish (or are stored and shown whole) instead of the process dying mid-answer."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def serve(settings: Settings, *, store: Store, web: bool, telegram: bool, jobs: bool) -> None:
     logging.getLogger().setLevel(logging.INFO)
+    _stop_on_sigterm()
     model, engine, chat, admin = build_services(settings, store)
     stop = threading.Event()
 
@@ -45,7 +57,8 @@ def serve(settings: Settings, *, store: Store, web: bool, telegram: bool, jobs: 
         from bot.telegram import run_bot_in_thread
 
         telegram_thread = run_bot_in_thread(chat, admin, token=settings.telegram_token,
-                                            base_url=settings.telegram_api_url, admin_ids=settings.admin_ids, stop=stop)
+                                            base_url=settings.telegram_api_url, admin_ids=settings.admin_ids, stop=stop,
+                                            concurrency=engine.capacity)
     elif telegram:
         log.info("TELEGRAM_BOT_TOKEN is not set: the Telegram bot is off")
 
@@ -61,7 +74,10 @@ def serve(settings: Settings, *, store: Store, web: bool, telegram: bool, jobs: 
     finally:
         stop.set()
         if telegram_thread is not None:
-            telegram_thread.join(timeout=10)  # let it confirm the last updates, or Telegram re-sends them
+            from bot.telegram import STOP_GRACE_S
+
+            # Replies finish or are stored, and the last updates are confirmed (else Telegram re-sends them).
+            telegram_thread.join(timeout=STOP_GRACE_S + 10)
         engine.close()
 
 

@@ -53,7 +53,7 @@ class FollowedAdapter:
 @pytest.fixture(scope="session")
 def session_engine(embedded_model):
     """One real engine for the whole session (loading it is cheap, but not free)."""
-    from bot.engine import LocalEngine
+    from bot.engines.local import LocalEngine
 
     follow = FollowedAdapter()
     engine = LocalEngine(embedded_model, active_adapter=follow, max_new_tokens=48, poll_s=0.2)

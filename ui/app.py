@@ -27,7 +27,6 @@ from pydantic import BaseModel
 
 from bot.admin import Admin
 from bot.chat import ChatService
-from bot.engines import Sampling
 from ui.admin_page import admin_page
 from ui.chat_page import chat_page
 from ui.sessions import COOKIE, IDLE_S, AdminSessions, LoginRefused
@@ -55,15 +54,15 @@ def one_time_token() -> str:
 
 
 def build_app(chat: ChatService, admin: Admin, *, admin_password: str | None = None, admin_idle_s: float = IDLE_S,
-              sampling: Sampling | None = None, sessions: AdminSessions | None = None) -> fastapi.FastAPI:
+              sessions: AdminSessions | None = None) -> fastapi.FastAPI:
     """The whole web app. admin_idle_s: an admin session ends after this long without an admin action;
-    sampling: how chat replies pick their tokens (Settings.chat_*, None = greedy); sessions: the admin
-    sessions and login throttle (tests pass their own)."""
+    sessions: the admin sessions and login throttle (tests pass their own). The chat's sampling
+    settings travel in the ChatService."""
     sessions = sessions or AdminSessions(admin_password or one_time_token(), idle_s=admin_idle_s)
     with gr.Blocks(title=f"{chat.profile().name} · selfcog") as demo:
         with gr.Tabs():
             with gr.Tab("💬 Chat · 聊天", id="chat", elem_id="tab-chat"):
-                chat_page(chat, demo, sampling=sampling)
+                chat_page(chat, demo)
             with gr.Tab("🔐 Admin · 管理", id="admin", elem_id="tab-admin"):
                 admin_page(chat, admin, sessions, demo)
     # The engine decodes `capacity` replies at once: Gradio must let that many chats answer together rather

@@ -18,7 +18,6 @@ import uuid
 import gradio as gr
 
 from bot.chat import ChatService
-from bot.engines import Sampling
 from bot.errors import UserError
 from ui import views
 
@@ -38,10 +37,8 @@ def browser_key(key: str | None) -> str:
     return key if isinstance(key, str) and BROWSER_KEY.fullmatch(key) else uuid.uuid4().hex
 
 
-def chat_page(chat: ChatService, app: gr.Blocks, *, sampling: Sampling | None = None) -> None:
-    """Build the chat page inside the current gr.Blocks (app: that Blocks, for its load event).
-
-    sampling: how chat replies pick their tokens (Settings.chat_*); None = greedy."""
+def chat_page(chat: ChatService, app: gr.Blocks) -> None:
+    """Build the chat page inside the current gr.Blocks (app: that Blocks, for its load event)."""
     status = gr.Markdown(elem_id="chat-status")
     chatbot = gr.Chatbot(
         label="Chat · 聊天", height=480, sanitize_html=True, render_markdown=True, elem_id="chatbot",
@@ -85,14 +82,14 @@ def chat_page(chat: ChatService, app: gr.Blocks, *, sampling: Sampling | None = 
         try:
             if conversation_id is None:
                 conversation_id = chat.conversation("web", chat_key=saved_key, user=saved_key)
-            turn = chat.send(conversation_id, text, sampling=sampling)
+            turn = chat.send(conversation_id, text)
         except UserError as e:
             yield {key: saved_key, conversation: conversation_id, notice: f"⚠️ {e}"}
             return
         history, ids = views.chat_messages(chat.history(conversation_id))
         history.append({"role": "assistant", "content": ""})
         yield {message: "", chatbot: history, message_ids: ids + [None], key: saved_key,
-               conversation: conversation_id, notice: ""}
+               conversation: conversation_id, notice: "", send: gr.Button(interactive=False)}
         problem = ""
         try:
             for partial in turn:
@@ -103,9 +100,10 @@ def chat_page(chat: ChatService, app: gr.Blocks, *, sampling: Sampling | None = 
         if not turn.text and not problem:
             problem = "⚠️ The model gave an empty answer; please try again or rephrase. · 模型没有给出回答，请重试。"
         history, ids = views.chat_messages(chat.history(conversation_id))  # what was stored, with its ids
-        yield {chatbot: history, message_ids: ids, notice: problem, status: views.chat_status(chat.status())}
+        yield {chatbot: history, message_ids: ids, notice: problem, status: views.chat_status(chat.status()),
+               send: gr.Button(interactive=True)}
 
-    def feedback(ids: list, saved_key: str, history: list, data: gr.LikeData):
+    def feedback(ids: list, saved_key: str, conversation_id: int | None, data: gr.LikeData):
         """👍/👎 on an answer is stored; 👎 and "Correct this answer" open the correction box for it."""
         index = data.index if isinstance(data.index, int) else data.index[0]
         if index >= len(ids) or ids[index] is None:
@@ -119,7 +117,8 @@ def chat_page(chat: ChatService, app: gr.Blocks, *, sampling: Sampling | None = 
             except UserError as e:
                 shown[notice] = f"⚠️ {e}"
         if data.liked is False or data.liked == CORRECT:
-            question = next((m["content"] for m in reversed(history[:index]) if m["role"] == "user"), "")
+            question = next((m["text"] for m in reversed(chat.history(conversation_id))
+                             if m["role"] == "user" and m["id"] < ids[index]), "")
             shown.update({correction_box: gr.Group(visible=True), correcting: ids[index], correction_notice: "",
                           correction_about: f"✏️ The right answer to “{views.clip(question, 300)}” · 正确的回答"})
         return shown
@@ -154,8 +153,8 @@ def chat_page(chat: ChatService, app: gr.Blocks, *, sampling: Sampling | None = 
     correction_parts = {correction_box, correction_text, correction_notice, correcting}
     app.load(open_chat, key, {key, conversation, chatbot, message_ids, status}, show_progress="hidden")
     gr.on([message.submit, send.click], respond, [message, key, conversation],
-          {message, chatbot, message_ids, key, conversation, notice, status}, concurrency_id="chat", **private)
-    chatbot.like(feedback, [message_ids, key, chatbot], {notice, correction_box, correction_about, correction_notice,
+          {message, chatbot, message_ids, key, conversation, notice, status, send}, concurrency_id="chat", **private)
+    chatbot.like(feedback, [message_ids, key, conversation], {notice, correction_box, correction_about, correction_notice,
                                                          correcting}, **private)
     submit_correction.click(save_correction, [correcting, correction_text, key], {notice, *correction_parts},
                             **private)

@@ -272,7 +272,7 @@ class LocalEngine:
         self._weights.follow((row["version"], row["path"]) if row else None)
 
     def _admit(self) -> None:
-        """Prefill waiting requests the weights in place can answer into free slots, oldest first, several per forward."""
+        """Prefill the waiting requests the weights in place answer into free slots: oldest first, several a forward."""
         group: list[_Sequence] = []
         while self._waiting and self._weights.computes(self._waiting[0].weights):
             s = self._waiting[0]
@@ -326,8 +326,8 @@ class LocalEngine:
         self._retire_finished()
 
     def _pick(self, logits, seqs: list[_Sequence]) -> list[int]:
-        return pick_tokens(logits, [s.sampling for s in seqs], [s.prompt + s.tokens if s.sampling else [] for s in seqs],
-                           [s.generator for s in seqs])
+        seen = [s.prompt + s.tokens if s.sampling else [] for s in seqs]  # what the repetition penalty looks at
+        return pick_tokens(logits, [s.sampling for s in seqs], seen, [s.generator for s in seqs])
 
     def _accept(self, s: _Sequence, token: int) -> None:
         """Record a sequence's new token; stream its text; mark it finished at a stop token or a limit."""
@@ -415,7 +415,7 @@ class _Sequence:
 
 
 class _Control:
-    """A function the worker runs at a step boundary with LIVE in place (refresh_adapter); the future gets its result."""
+    """A function the worker runs between steps with LIVE in place (refresh_adapter); its future gets the result."""
 
     def __init__(self, fn: Callable[[], object]):
         self.fn, self.future = fn, Future()

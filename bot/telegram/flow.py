@@ -20,7 +20,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import httpx
@@ -95,11 +95,8 @@ class ChatOrderedUpdates(BaseUpdateProcessor):
 
 @dataclass
 class _ChatQueue:
-    lock: asyncio.Lock = None  # type: ignore[assignment]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: updates keep their order
     waiting: int = 0  # updates queued or running here; the entry goes when it reaches 0
-
-    def __post_init__(self):
-        self.lock = asyncio.Lock()  # FIFO: updates keep their order
 
 
 def _queued_chat(update: object) -> int | None:
@@ -194,10 +191,10 @@ class PatientRateLimiter(BaseRateLimiter[float]):
             except RetryAfter as e:
                 wait = _seconds(e.retry_after)
                 self._resume_at = max(self._resume_at, loop.time() + wait)
-                log.warning("Telegram said %s: every call waits %.1f s", endpoint, wait)
+                log.warning("Telegram answered %s with 429: every call waits %.1f s", endpoint, wait)
                 if not self._may_retry(attempt, deadline, loop.time() + wait):
                     raise
-            except BadRequest:
+            except BadRequest:  # a NetworkError in PTB, but Telegram's refusal: asking again won't help
                 raise
             except NetworkError as e:
                 delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)

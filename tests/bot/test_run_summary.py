@@ -24,10 +24,12 @@ def test_promoted_run(store):
 def test_rejected_run_names_the_gates_first_reason_and_what_to_do(store):
     run = store.runs.request("cli", "cli", claim=True)
     reasons = ["identity under product 0.62 < 0.90", "retention 0.41 < 0.50"]
-    store.runs.finish(run["id"], "rejected", report={"reasons": reasons, "seconds": 30}, error="; ".join(reasons))
+    advice = "Approve more corrections that state the name and maker, then retrain."
+    store.runs.finish(run["id"], "rejected", report={"reasons": reasons, "seconds": 30, "advice": advice},
+                      error="; ".join(reasons))
     summary = summarize(store.runs.get(run["id"]))
     assert summary.outcome_line == (f"Retrain #{run['id']} rejected: identity under product 0.62 < 0.90 (+1 more). "
-                                    "Approve more corrections that state the identity, then retrain.")
+                                    + advice)
     assert "\n" not in summary.outcome_line
     assert summary.reasons == reasons and not summary.ok and summary.finished and summary.percent is None
 

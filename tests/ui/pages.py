@@ -30,9 +30,9 @@ def message_buttons(page: Page, role: str):
 
 
 def wait_for_answer(page: Page, count: int) -> str:
-    """Wait until the count-th answer is complete (its 👍 button is enabled); returns its text."""
-    message_buttons(page, "bot").nth(count - 1).locator('button[aria-label="Like"]:not([disabled])').wait_for(
-        timeout=ANSWER_TIMEOUT_MS)
+    """Wait until the count-th answer is complete (Send, disabled while an answer streams, is back); returns it."""
+    expect(page.locator(BOT)).to_have_count(count, timeout=ANSWER_TIMEOUT_MS)
+    expect(page.locator("#chat-send")).to_be_enabled(timeout=ANSWER_TIMEOUT_MS)
     return page.locator(BOT).nth(count - 1).inner_text().strip()
 
 
@@ -50,7 +50,7 @@ def open_correction(page: Page, index: int, *, by: str = "Dislike") -> None:
         buttons.locator('button[aria-label="Dislike"]').click()
     else:
         buttons.locator('button[aria-label="Feedback"]').click()
-        page.get_by_text("Correct this answer").click()
+        buttons.get_by_role("button", name=re.compile("Correct this answer")).click()
     expect(page.locator("#correction-text textarea")).to_be_visible()
 
 
