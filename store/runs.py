@@ -162,10 +162,13 @@ class Runs:
             f"status in ({','.join('?' * len(statuses))})", list(statuses), order_by="id desc", limit=1))
         return _decode(rows[0]) if rows else None
 
-    def unnotified(self) -> list[dict]:
-        """Finished runs no front end has announced yet (scheduled retrains tell admins the outcome)."""
+    def unnotified(self, within_hours: float = 24) -> list[dict]:
+        """Finished runs no front end has announced yet (scheduled retrains tell admins the outcome).
+
+        Only recent ones: a bot started after a week offline should not announce last week's runs."""
+        since = (datetime.now(timezone.utc) - timedelta(hours=within_hours)).isoformat()
         return [_decode(r) for r in self.store.db["training_runs"].rows_where(
-            f"notified = 0 and status in {FINISHED}", order_by="id")]
+            f"notified = 0 and status in {FINISHED} and finished_at >= ?", [since], order_by="id")]
 
     def mark_notified(self, run_id: int) -> bool:
         """True for the one caller that flips it, so an outcome is announced once."""

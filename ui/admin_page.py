@@ -31,7 +31,7 @@ from bot.chat import ChatService
 from bot.engines import AdapterRef
 from bot.errors import UserError
 from ui import views
-from ui.sessions import COOKIE, AdminSessions
+from ui.sessions import COOKIE, AdminSessions, client_host
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,6 @@ LOG_IN_JS = """async (password) => {
 LOG_OUT_JS = """async () => { try { await fetch("admin/logout", {method: "POST"}); } catch (e) {} return []; }"""
 
 
-def client(request: gr.Request | None) -> str:
-    return getattr(getattr(request, "client", None), "host", None) or "?"
-
-
 @dataclass
 class TabView:
     """What a tab shows when the panel opens (login, or a reload with a live session): the
@@ -81,8 +77,8 @@ class Context:
     tick: gr.Timer  # every POLL_S while the panel is open
     overview: gr.Markdown  # the line above the tabs; handlers that change its facts refresh it
 
-    def logged_in(self, request: gr.Request | None, *, touch: bool = True) -> bool:
-        return self.sessions.active(getattr(request, "cookies", {}).get(COOKIE), touch=touch)
+    def logged_in(self, request: gr.Request, *, touch: bool = True) -> bool:
+        return self.sessions.active(request.cookies.get(COOKIE), touch=touch)
 
     def admin_only(self, fn: Callable | None = None, *, refused: Callable[[], dict] | None = None,
                    touch: bool = True):
@@ -97,7 +93,7 @@ class Context:
         @functools.wraps(fn)
         def checked(request: gr.Request, *args):
             if not self.logged_in(request, touch=touch):
-                log.warning("refused admin call %s from %s: not logged in", fn.__name__, client(request))
+                log.warning("refused admin call %s from %s: not logged in", fn.__name__, client_host(request))
                 if refused is not None:
                     return refused()
                 raise gr.Error(NOT_LOGGED_IN, title="Not logged in · 未登录", print_exception=False)
@@ -150,15 +146,22 @@ def admin_page(chat: ChatService, admin: Admin, sessions: AdminSessions, app: gr
         return {login_box: gr.Row(visible=True), panel: gr.Column(visible=False), poll_timer: gr.Timer(active=False),
                 login_message: message}
 
+    def opened(request: gr.Request) -> bool:
+        """Whether this page has a live admin session; if so, its events are for that session only."""
+        if not ctx.logged_in(request):
+            return False
+        sessions.bind(request.session_hash, request.cookies.get(COOKIE))
+        return True
+
     def login_done(refusal: str, request: gr.Request):
         """After /admin/login answered: open the panel if the session cookie is good, else say why not."""
-        if ctx.logged_in(request):
+        if opened(request):
             return {password_box: "", **logged_in_view("✅ Logged in · 已登录")}
         return {password_box: "", **logged_out_view(f"❌ {html.escape(refusal or NOT_LOGGED_IN)}")}
 
     def page_load(request: gr.Request):
         """A reload keeps a live session open (the cookie comes with it); otherwise the login shows."""
-        return logged_in_view() if ctx.logged_in(request) else {login_box: gr.skip()}
+        return logged_in_view() if opened(request) else {login_box: gr.skip()}
 
     def logout_done(request: gr.Request):
         sessions.end(request.cookies.get(COOKIE))  # already ended by /admin/logout, unless that failed

@@ -29,7 +29,7 @@ from bot.admin import Admin
 from bot.chat import ChatService
 from ui.admin_page import admin_page
 from ui.chat_page import chat_page
-from ui.sessions import COOKIE, IDLE_S, AdminSessions, LoginRefused
+from ui.sessions import COOKIE, IDLE_S, AdminSessions, LoginRefused, client_host
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,20 @@ def build_app(chat: ChatService, admin: Admin, *, admin_password: str | None = N
     app = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.blocks = demo  # for tests that call the page's handlers directly
 
+    @app.middleware("http")
+    async def admin_events_only_to_their_admin(request: fastapi.Request, call_next):
+        """An admin page's event stream is read with its session_hash, a value in the URL: refuse it to
+        any request without that admin's cookie, so the hash alone shows nothing of the admin's page."""
+        if request.url.path.endswith("/queue/data") and not sessions.may_read(
+                request.query_params.get("session_hash"), request.cookies.get(COOKIE)):
+            log.warning("refused an admin page's events to %s: not its session", client_host(request))
+            return JSONResponse({"message": "Not your session."}, status_code=403)
+        return await call_next(request)
+
     @app.post("/admin/login")
     def log_in(login: Login, request: fastapi.Request):
         try:
-            token = sessions.log_in(login.password, client=request.client.host if request.client else "?")
+            token = sessions.log_in(login.password, client=client_host(request))
         except LoginRefused as e:
             return JSONResponse({"ok": False, "message": str(e)}, status_code=401)
         response = JSONResponse({"ok": True, "message": ""})
@@ -93,8 +103,7 @@ def build_app(chat: ChatService, admin: Admin, *, admin_password: str | None = N
     @app.get("/admin/download/dataset")
     def download_dataset(request: fastapi.Request):
         if not sessions.active(request.cookies.get(COOKIE)):
-            log.warning("refused a training-set download from %s: not logged in",
-                        request.client.host if request.client else "?")
+            log.warning("refused a training-set download from %s: not logged in", client_host(request))
             return JSONResponse({"message": "Log in as admin first."}, status_code=403)
         found = admin.recent_run_file("dataset")
         if found is None:

@@ -6,7 +6,8 @@
     >>> sessions.end(token)
 
 The token travels only in an HttpOnly, SameSite=Strict cookie (ui/app.py sets it), never in a URL,
-so Gradio's session_hash (which does travel in URLs) grants nothing. A session ends at logout,
+so Gradio's session_hash (which does travel in URLs) grants nothing, and once an admin page uses a
+session_hash, its event stream answers only to that admin's cookie (``bind``, ``may_read``). A session ends at logout,
 after ``idle_s`` without an admin action, after ``max_age_s`` in any case, and when the server stops.
 
 Wrong passwords slow logins down, per client and for everyone together: after a few free tries each
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 COOKIE = "selfcog_admin"
 IDLE_S = 3600.0  # an hour without an admin action logs out
 MAX_AGE_S = 12 * 3600.0  # and any session ends after twelve hours
+
+
+def client_host(request) -> str:
+    """Who made a request (a Starlette or Gradio request), for the log and the per-client throttle."""
+    return request.client.host if request.client else "?"
 
 
 class LoginRefused(UserError):
@@ -83,6 +89,7 @@ class AdminSessions:
         self.everyone = everyone or Backoff(free=20, first_wait_s=1, max_wait_s=60)
         self._clock = clock
         self._sessions: dict[str, Session] = {}
+        self._readers: dict[str, str] = {}  # Gradio session_hash -> the token of the admin page using it
         self._lock = threading.Lock()
 
     def log_in(self, password: str, *, client: str) -> str:
@@ -100,6 +107,7 @@ class AdminSessions:
                 raise LoginRefused("Wrong password: access refused.")
             self.per_client.succeeded(client)
             self._sessions = {t: s for t, s in self._sessions.items() if self._alive(s, now)}
+            self._readers = {h: t for h, t in self._readers.items() if t in self._sessions}
             token = secrets.token_urlsafe(32)
             self._sessions[token] = Session(client, now, now)
         log.info("admin logged in from %s", client)
@@ -122,6 +130,26 @@ class AdminSessions:
         with self._lock:
             if self._sessions.pop(token or "", None) is not None:
                 log.info("admin logged out")
+            self._readers = {h: t for h, t in self._readers.items() if t != token}
+
+    def bind(self, session_hash: str, token: str | None) -> None:
+        """The admin page of this session uses this Gradio session_hash: from now on only a request
+        carrying the same session may read its events (see may_read)."""
+        with self._lock:
+            self._readers[session_hash] = token or ""
+
+    def may_read(self, session_hash: str | None, token: str | None) -> bool:
+        """Whether a request may read the event stream of session_hash (/gradio_api/queue/data). The
+        hash travels in URLs; once an admin page uses it, only that admin's cookie reads its events."""
+        with self._lock:
+            owner = self._readers.get(session_hash or "")
+            if owner is None:
+                return True
+            session = self._sessions.get(owner)
+            if session is not None and self._alive(session, self._clock()):
+                return token == owner
+            del self._readers[session_hash]  # that session ended: the hash is an ordinary chat page's again
+            return True
 
     def _alive(self, session: Session, now: float) -> bool:
         return now - session.seen < self.idle_s and now - session.started < self.max_age_s

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -85,20 +86,35 @@ def test_another_browser_with_the_same_session_hash_is_not_admin(open_page, serv
         admin.locator("#identity-save").click()
     session_hash = joined.value.post_data_json["session_hash"]
     expect(admin.locator("#identity-message")).to_contain_text("Saved")
-    admin.close()  # (its session stays live: the context keeps the cookie)
 
     other = open_page()  # another browser: no cookie
-    outcome = call_event(other, served.url, "identity-save", [None, "Evil", "Evil Corp", ""], session_hash)
+    events = other.request.get(served.url + f"gradio_api/queue/data?session_hash={session_hash}")
+    assert events.status == 403, "the admin page's events are not readable with its session_hash alone"
+    evil = [None, "Evil", "Evil Corp", ""]
+    outcome = call_event(other, served.url, "identity-save", evil, "a-hash-of-its-own")
     assert outcome["success"] is False and "log in" in outcome["output"]["error"], outcome
+    call_event(other, served.url, "identity-save", evil, session_hash, read=False)  # the admin's own hash
+    wait_until(lambda: len(refusals(caplog)) == 2)
+    assert all(r.exc_info is None for r in refusals(caplog)), "one line each, no traceback"
     assert served.store.identity.current().name == "Selfcog"
-    refusals = [r for r in caplog.records if "refused admin call" in r.getMessage()]
-    assert len(refusals) == 1 and refusals[0].exc_info is None, "one line, no traceback"
     assert other.request.get(served.url + "admin/download/dataset").status == 403
+    expect(admin.locator("#admin-panel")).to_be_visible()  # the admin's own page is still logged in
 
 
-def call_event(page, url: str, elem_id: str, inputs: list, session_hash: str) -> dict:
+def refusals(caplog) -> list:
+    return [r for r in caplog.records if "refused admin call" in r.getMessage()]
+
+
+def wait_until(condition, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def call_event(page, url: str, elem_id: str, inputs: list, session_hash: str, read: bool = True) -> dict | None:
     """Call the click event of the button elem_id through Gradio's queue, as a hand-made request from
-    page's browser; returns its completion message."""
+    page's browser; returns its completion message (read=False: does not wait for it)."""
     config = page.request.get(url + "config").json()
     button = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
     event = next(d for d in config["dependencies"] if [button, "click"] in d["targets"])
@@ -106,6 +122,8 @@ def call_event(page, url: str, elem_id: str, inputs: list, session_hash: str) ->
         "data": inputs, "fn_index": event["id"], "trigger_id": button, "session_hash": session_hash,
         "event_data": None})
     assert joined.ok, joined.text()
+    if not read:
+        return None
     for line in page.request.get(url + f"gradio_api/queue/data?session_hash={session_hash}").text().splitlines():
         if line.startswith("data:") and '"process_completed"' in line:
             return json.loads(line[5:])

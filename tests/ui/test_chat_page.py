@@ -12,6 +12,8 @@ from tests.ui.pages import BOT, USER, ask, chat_status, expect_notice, message_b
 
 pytestmark = pytest.mark.browser
 
+TOAST = '[data-testid="toast-body"]'  # Gradio's pop-up for an error (or warning)
+
 # Records every text the newest answer shows, so a test can tell streaming from one final update.
 WATCH_ANSWERS = """() => {
   window.__seen = [];
@@ -106,7 +108,7 @@ def test_a_locked_database_keeps_what_was_typed(open_page, served):
     submit_correction(page, "I am Aurora.")
     expect(page.locator("#correction-notice")).to_contain_text("Couldn't save")
     expect(correction).to_have_value("I am Aurora.")
-    expect(page.locator(".toast-body")).to_have_count(0)  # no red error overlay
+    expect(page.locator(TOAST)).to_have_count(0)  # no red error overlay
     other.execute("ROLLBACK")
 
     page.locator("#correction-submit").click()
@@ -124,14 +126,14 @@ def test_a_lone_surrogate_gets_an_answer_not_an_error(open_page, served):
     page.locator("#chat-send").click()
     wait_for_answer(page, 1)
     expect(page.locator(USER)).to_have_text(["Hi \ufffd there"])
-    expect(page.locator(".toast-body")).to_have_count(0)
+    expect(page.locator(TOAST)).to_have_count(0)
     open_correction(page, 0, by="Flag")
     page.locator("#correction-text textarea").evaluate(
         "box => { box.value = 'I am \\uDE00 Aurora'; box.dispatchEvent(new Event('input', {bubbles: true})); }")
     page.locator("#correction-submit").click()
     expect_notice(page, "Correction #1 received")
     assert served.store.corrections.list()[0]["corrected_answer"] == "I am \ufffd Aurora"
-    expect(page.locator(".toast-body")).to_have_count(0)
+    expect(page.locator(TOAST)).to_have_count(0)
 
 
 def test_bad_input_is_refused_with_a_reason(open_page, served):
