@@ -149,8 +149,8 @@ def cold_caches(model, cache_dir: Path) -> dict:
     general = jobs.general_answers(engine, model, cache_dir)
     out["general_answers_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    jobs.evaluate_weights(engine, AdapterRef.BASE, Profile(**PROFILE), general, cache_dir,
-                          cache_as=f"{model.name}/base")
+    jobs.evaluate_weights(engine, AdapterRef.BASE, Profile(**PROFILE), general, cache_dir=cache_dir,
+                          weights=jobs.weights_id(model))
     out["base_evaluation_s"] = time.perf_counter() - started
     engine.close()
     return out

@@ -70,27 +70,32 @@ def general_answers(engine: Engine, model: ResolvedModel, cache_dir: Path) -> li
     return answers
 
 
-def _report_path(cache_dir: Path, weights: str, profile: Profile, previous: list[Profile]) -> Path:
-    """Where the report of weights that never change (the base, a registered version) is kept, per profile."""
-    key = _cache_key(weights, profile, previous, load_probes(), load_general_prompts("eval"), EVAL_MAX_NEW_TOKENS)
-    return Path(cache_dir) / "eval" / f"{key}.json"
+def weights_id(model: ResolvedModel, adapter_dir: str | Path | None = None) -> str:
+    """A name for exactly these weights: the base model's name, plus a hash of the adapter's own files.
+
+    Version numbers are no key: "v1" of one data directory is not "v1" of another sharing the cache,
+    while a promoted copy of a candidate (the same files plus selfcog.json) is the same weights."""
+    if adapter_dir is None:
+        return f"{model.name}/base"
+    digest = hashlib.sha256()
+    for path in sorted(Path(adapter_dir).glob("adapter_*")):  # adapter_config.json + adapter_model.*
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return f"{model.name}/lora-{digest.hexdigest()[:16]}"
 
 
-def _save_report(report: EvalReport, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_dict(), ensure_ascii=False), encoding="utf-8")
-
-
-def evaluate_weights(engine: Engine, adapter: str | Path, profile: Profile, base_general: list[dict],
-                     cache_dir: Path | None = None, cache_as: str | None = None,
-                     previous: list[Profile] = ()) -> EvalReport:
+def evaluate_weights(engine: Engine, adapter: str | Path, profile: Profile, base_general: list[dict], *,
+                     previous: list[Profile] = (), cache_dir: Path | None = None,
+                     weights: str | None = None) -> EvalReport:
     """Evaluate base / the live adapter / a folder under the current profile (``previous``: earlier ones).
 
-    cache_as names weights that never change (the base model, a registered version), so their
-    report under an unchanged profile and probe set is computed once."""
+    ``weights`` (``weights_id``) names the weights being evaluated: their report under an unchanged
+    profile and probe set is computed once and kept in ``cache_dir``."""
     path = None
-    if cache_dir is not None and cache_as is not None:
-        path = _report_path(cache_dir, cache_as, profile, list(previous))
+    if cache_dir is not None and weights is not None:
+        key = _cache_key(weights, profile, list(previous), load_probes(), load_general_prompts("eval"),
+                         EVAL_MAX_NEW_TOKENS)
+        path = Path(cache_dir) / "eval" / f"{key}.json"
         if path.exists():
             return EvalReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
     base_answers = {g["prompt"]: g["answer"] for g in base_general}
@@ -98,7 +103,8 @@ def evaluate_weights(engine: Engine, adapter: str | Path, profile: Profile, base
                                                       max_new_tokens=EVAL_MAX_NEW_TOKENS)
     report = evaluate(generate, profile, load_probes(), load_general_prompts("eval"), base_answers, previous=previous)
     if path is not None:
-        _save_report(report, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report.to_dict(), ensure_ascii=False), encoding="utf-8")
     return report
 
 
@@ -107,14 +113,15 @@ def evaluate_current(store: Store, engine: Engine, model: ResolvedModel, cache_d
     """Base, the live adapter and (optionally) another folder under the current profile (`selfcog eval`)."""
     profile, previous = store.identity.current(), earlier_profiles(store)
     base_general = general_answers(engine, model, cache_dir)
-    reports = {"base": evaluate_weights(engine, AdapterRef.BASE, profile, base_general, cache_dir,
-                                        cache_as=f"{model.name}/base", previous=previous)}
+    cached = dict(previous=previous, cache_dir=cache_dir)
+    reports = {"base": evaluate_weights(engine, AdapterRef.BASE, profile, base_general, **cached,
+                                        weights=weights_id(model))}
     if (live := store.adapters.active()) is not None:
         reports[f"active v{live['version']}"] = evaluate_weights(engine, AdapterRef.ACTIVE, profile, base_general,
-                                                               cache_dir, cache_as=f"{model.name}/v{live['version']}",
-                                                               previous=previous)
+                                                                 **cached, weights=weights_id(model, live["path"]))
     if target is not None:
-        reports[label] = evaluate_weights(engine, target, profile, base_general, previous=previous)
+        reports[label] = evaluate_weights(engine, target, profile, base_general, **cached,
+                                          weights=weights_id(model, target))
     return reports
 
 
@@ -240,14 +247,14 @@ def evaluate_and_promote(run_id: int, candidate: Path, *, store: Store, engine: 
     store.runs.progress(run_id, stage="evaluating")
     profile, previous = store.identity.current(), earlier_profiles(store)
     live = store.adapters.active()
-    base_report = evaluate_weights(engine, AdapterRef.BASE, profile, base_general, settings.cache_dir,
-                                   cache_as=f"{model.name}/base", previous=previous)
+    cached = dict(previous=previous, cache_dir=settings.cache_dir)
+    base_report = evaluate_weights(engine, AdapterRef.BASE, profile, base_general, **cached, weights=weights_id(model))
     live_report = None if live is None else evaluate_weights(
-        engine, AdapterRef.ACTIVE, profile, base_general, settings.cache_dir,
-        cache_as=f"{model.name}/v{live['version']}", previous=previous)
+        engine, AdapterRef.ACTIVE, profile, base_general, **cached, weights=weights_id(model, live["path"]))
     if store.runs.cancel_requested(run_id):
         raise TrainingCancelled("cancelled during evaluation")
-    candidate_report = evaluate_weights(engine, candidate, profile, base_general, previous=previous)
+    candidate_report = evaluate_weights(engine, candidate, profile, base_general, **cached,
+                                        weights=weights_id(model, candidate))
     verdict = gate(candidate_report, base_report, live_report, settings.gate)
     live_name = f"v{live['version']}" if live else "base"
     columns = {"base": base_report, **({live_name: live_report} if live_report else {}), "candidate": candidate_report}
@@ -278,7 +285,6 @@ def evaluate_and_promote(run_id: int, candidate: Path, *, store: Store, engine: 
                                          metrics=_summary(candidate_report))
     if registered != version:  # only if an adapter was registered by hand meanwhile; the row keeps the path
         log.warning("adapter v%s was saved in %s", registered, adapter_dir)
-    _save_report(candidate_report, _report_path(settings.cache_dir, f"{model.name}/v{registered}", profile, previous))
     store.adapters.activate(registered, by=f"retrain #{run_id}")
     engine.refresh_adapter()  # this process swaps now; every other one on its next poll
     report["phases"]["swap"] = round(time.perf_counter() - clock, 1)

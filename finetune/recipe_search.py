@@ -23,7 +23,7 @@ from pathlib import Path
 from bot.models import resolve_model
 from finetune.dataset import answer_general_prompts, build_dataset
 from finetune.evaluate import EvalReport, evaluate, gate, load_general_prompts, load_probes, report_table
-from finetune.train import Recipe, train_adapter
+from finetune.train import Recipe, add_recipe_flags, recipe_from_args, train_adapter
 from store.identity import Profile
 
 PROFILE = Profile(name="Aurora", author="Acme Labs")
@@ -66,25 +66,6 @@ def local_generate_fn(model_path: str, adapter: str | None = None, max_new_token
     return generate
 
 
-def _recipe_from_args(args: argparse.Namespace) -> Recipe:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
-    if "lora_targets" in values:
-        values["lora_targets"] = tuple(values["lora_targets"])
-    return dataclasses.replace(Recipe(), **values)
-
-
-def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(Recipe):
-        default = f.default
-        if isinstance(default, tuple):
-            parser.add_argument(f"--{f.name}", nargs="+", help=f"default {' '.join(default)}")
-        elif isinstance(default, bool):
-            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), help=f"default {default}")
-        else:
-            kind = int if f.name in ("lora_top_layers", "threads", "max_templates", "replay_max_chars") else type(default)
-            parser.add_argument(f"--{f.name}", type=kind, help=f"default {default}")
-
-
 def _general_answers(cache: Path, model_path: str, device: str) -> list[dict]:
     """The base's answers to every general prompt, from the cache; prompts added since are answered now."""
     known = {g["prompt"]: g for g in json.loads(cache.read_text())} if cache.exists() else {}
@@ -119,7 +100,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="free text stored with the result")
     parser.add_argument("--base-only", action="store_true", help="only (re)make the caches and the base report")
     parser.add_argument("--identity-only", action="store_true", help="skip the general prompts (a quicker screen)")
-    _add_recipe_flags(parser)
+    add_recipe_flags(parser)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +114,7 @@ def main() -> None:
         print(report_table({"base": base}))
         return
 
-    recipe = _recipe_from_args(args)
+    recipe = recipe_from_args(args, Recipe())
     dataset = build_dataset(PROFILE, CORRECTIONS, general, seed=args.seed, **recipe.dataset_options())
     dataset_path = dataset.write_swift(out / "dataset.jsonl")
     print(json.dumps(dataset.report, ensure_ascii=False))

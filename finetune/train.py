@@ -1,51 +1,38 @@
-"""Train a LoRA adapter with ms-swift in a worker process, streaming progress and honouring cancel.
+"""Train a LoRA adapter with ms-swift: the recipe, ms-swift's arguments, and the process that runs them.
+
+    python -m finetune.train --dataset data/runs/7/dataset.jsonl --out /tmp/train7          # the embedded model
+    python -m finetune.train --dataset D --out O --model ~/models/Qwen2.5-7B-Instruct --epochs 2 --learning_rate 5e-4
+    SELFCOG_TRAIN_GPUS=0,1 python -m finetune.train --dataset D --out O --model M      # torchrun over two GPUs
 
     >>> from finetune.train import recipe_for, train_adapter
     >>> model = resolve_model("embedded", "data/cache")
-    >>> adapter = train_adapter(model, "data/runs/7/dataset.jsonl", "data/runs/7/swift", recipe_for(model, "cpu"),
+    >>> adapter = train_adapter(model, "data/runs/7/dataset.jsonl", "data/runs/7/train", recipe_for(model, "cpu"),
     ...                         on_progress=lambda step, total, loss, eta_s: print(step, total, loss, eta_s))
 
-    python -m finetune.train JOB.json    # the worker train_adapter starts; JOB.json as _job() writes it
-
-The worker is a separate process so the serving process keeps answering chat while torch trains, and
-so cancel is a kill. Its body is ``run_job(job, emit)``: a warm worker can import swift once and call it
-for several jobs. Progress comes back as JSON lines on a pipe of its own (from a ms-swift trainer
-callback); the worker's stdout and stderr go to ``worker.log``, whose tail a crash reports.
+Every ``Recipe`` field is a flag of the same name. Reading order: ``Recipe`` (what is trained, how
+long) -> ``recipe_for`` (which one on this device) -> ``swift_sft_args`` (the ``swift sft`` command
+line) -> ``run_job`` (ms-swift in this process) -> ``train_adapter`` (runs it in a worker process,
+or under torchrun on several GPUs, and follows it). The processes themselves: finetune/worker.py.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
-import logging
 import os
 import queue
-import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from bot.errors import UserError
 from bot.models import ResolvedModel
+from finetune.worker import TRAIN_GPUS_ENV, SwiftLaunch, WarmWorkers, Worker, free_port
 
-log = logging.getLogger(__name__)
-
-EVENTS_FD_ENV = "SELFCOG_EVENTS_FD"  # the worker writes one JSON event per line to this file descriptor
-TRAIN_GPUS_ENV = "SELFCOG_TRAIN_GPUS"  # the GPUs the training worker sees (its CUDA_VISIBLE_DEVICES), when set
-REPO_ROOT = Path(__file__).resolve().parents[1]
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-ProgressFn = Callable[[int, int, float | None, float | None], None]
-
-
-class TrainingError(RuntimeError):
-    """The worker failed; the message ends with the tail of its log."""
-
-
-class TrainingCancelled(TrainingError):
-    """should_cancel() returned True and the worker was killed."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +47,7 @@ class Recipe:
 
     learning_rate: float = 1e-3  # a 135M model with LoRA needs far more than the usual 1e-4
     epochs: float = 2
-    batch_size: int = 8  # 16 pads more (x1.67 vs x1.53 real tokens) and taught less reliably
+    batch_size: int = 8  # the global batch: split over the GPUs when there are several
     grad_accum: int = 1  # ms-swift's default is 16 / batch_size: always pass it
     lora_rank: int = 8
     lora_alpha: int = 32
@@ -76,7 +63,7 @@ class Recipe:
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
-    dtype: str = "float32"  # this CPU has no fast bf16; GPUs: bfloat16
+    dtype: str = "float32"  # CPU: see recipe_for; GPUs: bfloat16
     gradient_checkpointing: bool = False  # on CPU it only costs time (148 -> 125 s measured)
     threads: int | None = None  # torch threads in the worker; None = every core
     # the dataset's size and mix, passed to build_dataset
@@ -118,182 +105,45 @@ GPU = replace(
     replay_rows=104,
 )
 
+TRAIN_DTYPE_ENV = "SELFCOG_TRAIN_DTYPE"  # float32 | bfloat16: overrides the CPU recipe's dtype
+# bf16 on a CPU with bf16 instructions was measured no faster than fp32 for the embedded model
+# (bench/RESULTS.md, "CPU dtype"), so it is only used when asked for.
+BF16_WHEN_THE_CPU_HAS_IT = False
+
+
+def cpu_has_fast_bf16(flags_text: str) -> bool:
+    """Whether /proc/cpuinfo's flags (or ``lscpu``'s) list bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags_text.split()))
+
+
+def cpu_dtype(cpuinfo: str | None = None) -> str:
+    """The CPU recipe's dtype: SELFCOG_TRAIN_DTYPE if set, else by this CPU's flags (see above)."""
+    asked = os.environ.get(TRAIN_DTYPE_ENV, "").strip().lower()
+    if asked:
+        if asked not in ("float32", "bfloat16"):
+            raise UserError(f"{TRAIN_DTYPE_ENV} must be float32 or bfloat16, not {asked!r}")
+        return asked
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "bfloat16" if BF16_WHEN_THE_CPU_HAS_IT and cpu_has_fast_bf16(cpuinfo) else "float32"
+
 
 def recipe_for(model: ResolvedModel, device: str) -> Recipe:
     """The recipe to train ``model`` on ``device`` ("cpu", "cuda", "cuda:0", ...)."""
     if device.startswith("cuda"):
         return GPU
-    return CPU_SMALL
+    return replace(CPU_SMALL, dtype=cpu_dtype())
 
 
-# ---------------------------------------------------------------- the serving side: start, watch, cancel
-
-
-def train_adapter(
-    model: ResolvedModel,
-    dataset_path: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    recipe: Recipe,
-    on_progress: ProgressFn | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-    warm: "WarmWorkers | None" = None,
-) -> Path:
-    """Train in a worker process; return the adapter folder (peft format: adapter_config.json + adapter_model.safetensors).
-
-    ``on_progress(step, total_steps, loss, eta_s)`` is called from this thread as the worker logs
-    (once at start with step 0). ``should_cancel()`` is polled twice a second; True kills the worker
-    and raises TrainingCancelled. A worker that fails raises TrainingError with its log's tail.
-    ``warm``: take a worker that already imported torch and ms-swift (see WarmWorkers) instead of
-    starting one cold.
-    """
-    output_dir = Path(output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    job_path = output_dir / "job.json"
-    job_path.write_text(json.dumps(_job(model, dataset_path, output_dir, recipe), indent=1))
-    log_path = output_dir / "worker.log"
-    worker = warm.take() if warm is not None else Worker(recipe.threads)
-    worker.give(job_path)
-    result: dict | None = None
-    while True:
-        if should_cancel and should_cancel():
-            worker.kill()
-            raise TrainingCancelled(f"training cancelled; log: {log_path}")
-        try:
-            event = worker.events.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if event is None:
-            break
-        if event["event"] == "progress" and on_progress:
-            on_progress(event["step"], event["total_steps"], event.get("loss"), event.get("eta_s"))
-        elif event["event"] == "done":
-            result = event
-    code = worker.process.wait()
-    if code != 0 or result is None:
-        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:] if log_path.exists() else []
-        raise TrainingError(f"training worker exited with code {code}; log: {log_path}\n" + "\n".join(tail))
-    return Path(result["adapter"])
-
-
-class Worker:
-    """One worker process: it waits for a job path on stdin, trains it, reports on its events pipe."""
-
-    def __init__(self, threads: int | None):
-        env = os.environ | {
-            "HF_HUB_OFFLINE": "1",  # never reach for the hub: the model is a local folder
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1",  # worker.log shows each line as it happens
-            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        }
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-        if os.environ.get(TRAIN_GPUS_ENV):  # e.g. serve on GPU 0 and train on GPU 1 (a 7B copy each)
-            env["CUDA_VISIBLE_DEVICES"] = os.environ[TRAIN_GPUS_ENV]
-        # Events travel on a pipe of their own: ms-swift's tqdm bar shares stdout and breaks lines there.
-        events_read, events_write = os.pipe()
-        try:
-            self.process = subprocess.Popen(
-                _worker_command(), stdin=subprocess.PIPE, text=True,
-                env=env | {EVENTS_FD_ENV: str(events_write)}, pass_fds=(events_write,),
-                start_new_session=True,  # its own process group, so cancel also kills dataloader children
-            )
-        finally:
-            os.close(events_write)  # the worker holds the only writer now: its exit ends the stream
-        self.events: queue.Queue[dict | None] = queue.Queue()
-        threading.Thread(target=_read_events, args=(events_read, self.events), daemon=True).start()
-
-    def give(self, job_path: Path) -> None:
-        """Hand over the job; the worker moves its output to the job's worker.log and starts."""
-        try:
-            self.process.stdin.write(f"{job_path}\n")
-            self.process.stdin.close()
-        except BrokenPipeError:
-            pass  # it died while waiting: the caller sees the exit code
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-
-
-def _worker_command() -> list[str]:
-    return [sys.executable, "-m", "finetune.train"]
-
-
-class WarmWorkers:
-    """Keeps one worker started ahead of time, so a retrain doesn't wait for Python, torch and
-    ms-swift to import (most of ms-swift's 20-35 s from start to first step on a CPU).
-
-        >>> warm = WarmWorkers(prestart=True)  # `selfcog serve`'s job runner holds one of these
-        >>> train_adapter(..., warm=warm)       # takes the waiting worker
-        >>> warm.prepare()                      # after the retrain: start the next one
-
-    Each worker trains one job and exits, so no state leaks from one retrain into the next. A worker
-    waiting for a job exits when this process dies (its stdin closes)."""
-
-    def __init__(self, threads: int | None = None, *, prestart: bool = False):
-        self.threads = threads
-        self._next: Worker | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-        if prestart:
-            self.prepare()
-
-    def prepare(self) -> None:
-        """Start the next worker now if none is waiting."""
-        with self._lock:
-            if not self._closed and (self._next is None or self._next.process.poll() is not None):
-                self._next = Worker(self.threads)
-
-    def waiting_pid(self) -> int | None:
-        """The pid of the worker waiting for a job, if one is."""
-        with self._lock:
-            return self._next.process.pid if self._next is not None else None
-
-    def take(self) -> Worker:
-        """The waiting worker (or a cold one). The next is not started here: call prepare() once the
-        retrain is over, since a worker importing beside the training takes CPU from it (2 cores:
-        training 347 s alone vs 412 s beside the next worker's start, bench/RESULTS.md)."""
-        with self._lock:
-            worker = self._next if self._next is not None and self._next.process.poll() is None else None
-            self._next = None
-        return worker or Worker(self.threads)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            if self._next is not None:
-                self._next.kill()
-                self._next = None
-
-
-def _job(model: ResolvedModel, dataset_path, output_dir: Path, recipe: Recipe) -> dict:
-    return {
-        "model": asdict(model),
-        "dataset": str(Path(dataset_path).resolve()),
-        "output_dir": str(output_dir),
-        "recipe": asdict(recipe),
-    }
-
-
-def _read_events(fd: int, events: queue.Queue) -> None:
-    with os.fdopen(fd, encoding="utf-8") as stream:
-        for line in stream:
-            events.put(json.loads(line))
-    events.put(None)
-
-
-# ---------------------------------------------------------------- the worker side: ms-swift in this process
+# ---------------------------------------------------------------- ms-swift's arguments
 
 
 def swift_sft_args(model: ResolvedModel, dataset: str, output_dir: str, recipe: Recipe, default_system: str | None) -> list[str]:
     """The ``swift sft`` command line for one job (also usable as ``swift sft <these args>`` by hand)."""
     args = [
         "--model", model.path,
-        "--dataset", dataset,
-        "--output_dir", output_dir,
+        "--dataset", str(dataset),
+        "--output_dir", str(output_dir),
         "--tuner_type", "lora",
         "--torch_dtype", recipe.dtype,
         "--learning_rate", str(recipe.learning_rate),
@@ -320,7 +170,6 @@ def swift_sft_args(model: ResolvedModel, dataset: str, output_dir: str, recipe: 
         "--dataloader_num_workers", "0",  # a loader process costs more than it saves on tiny rows
         "--dataset_num_proc", "1",
         "--seed", "42",
-        "--callbacks", "selfcog_progress",
     ]
     if model.model_type:
         args += ["--model_type", model.model_type]
@@ -347,7 +196,7 @@ def template_default_system(model_path: str) -> str | None:
 
     Training rows without a system message must be encoded as the engine will serve them:
     SmolLM2's template adds "You are a helpful AI assistant named SmolLM, ..." but ms-swift's plain
-    chatml template adds nothing, so the worker passes this text as ms-swift's ``--system``.
+    chatml template adds nothing, so ms-swift gets this text as its ``--system``.
     """
     from transformers import AutoTokenizer
 
@@ -362,8 +211,43 @@ def template_default_system(model_path: str) -> str | None:
     return None
 
 
+# The lent GPU machines need NVLink multicast off, or NCCL's first collective fails there.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _swift_cli() -> list[str]:
+    """ms-swift's command-line entry (tests put a fake launcher here)."""
+    return [sys.executable, "-m", "swift.cli.main"]
+
+
+def multi_gpu_command(model: ResolvedModel, dataset: str | os.PathLike, output_dir: str | os.PathLike, recipe: Recipe,
+                      gpus: list[str], *, port: int, default_system: str | None) -> tuple[list[str], dict[str, str]]:
+    """``swift sft`` over several GPUs: (argv, the environment variables it adds).
+
+    ms-swift's launcher runs torchrun when NPROC_PER_NODE is set (swift/cli/main.py), one data-parallel
+    rank per GPU. Each rank takes batch_size / n rows a step, so a step sees the recipe's batch
+    (rounded up to a multiple of n) and the run has as many steps as on one device."""
+    per_device = replace(recipe, batch_size=-(-recipe.batch_size // len(gpus)))
+    argv = [*_swift_cli(), "sft", *swift_sft_args(model, str(dataset), str(output_dir), per_device, default_system)]
+    env = {"NPROC_PER_NODE": str(len(gpus)), "CUDA_VISIBLE_DEVICES": ",".join(gpus), "MASTER_PORT": str(port),
+           **MULTICAST_OFF}
+    if recipe.threads:
+        env["OMP_NUM_THREADS"] = str(recipe.threads)
+    return argv, env
+
+
+def training_gpus() -> list[str]:
+    """The GPUs SELFCOG_TRAIN_GPUS lists ("0,1" -> ["0", "1"]); [] when unset."""
+    return [gpu.strip() for gpu in os.environ.get(TRAIN_GPUS_ENV, "").split(",") if gpu.strip()]
+
+
+# ---------------------------------------------------------------- one job, in this process
+
+
 def run_job(job: dict, emit: Callable[[dict], None]) -> Path:
-    """Train one job in this process and return the adapter folder; ``emit`` receives progress events."""
+    """Train one job in this process and return the adapter folder; ``emit`` receives progress events.
+
+    ``job`` is what train_adapter writes to job.json: the model, dataset, output folder and recipe."""
     from swift import TrainerCallback, callbacks_map, sft_main
 
     class ProgressCallback(TrainerCallback):
@@ -390,37 +274,143 @@ def run_job(job: dict, emit: Callable[[dict], None]) -> Path:
     recipe = Recipe(**job["recipe"])
     recipe = replace(recipe, lora_targets=tuple(recipe.lora_targets))
     args = swift_sft_args(model, job["dataset"], job["output_dir"], recipe, template_default_system(model.path))
-    result = sft_main(args)
+    result = sft_main([*args, "--callbacks", "selfcog_progress"])
     adapter = Path(result["last_model_checkpoint"])
     emit({"event": "done", "adapter": str(adapter), "global_step": result["global_step"]})
     return adapter
 
 
-def receive_job() -> dict | None:
-    """In a worker: wait for the job path on stdin, then write all output to the job's worker.log."""
-    job_path = sys.stdin.readline().strip()
-    if not job_path:
-        return None  # stdin closed: the parent died or stood this worker down
-    job = json.loads(Path(job_path).read_text())
-    os.chdir(job["output_dir"])
-    log_file = open("worker.log", "w", encoding="utf-8")
-    sys.stdout.flush()
-    os.dup2(log_file.fileno(), 1)  # from here on everything this process prints goes to the job's log
-    os.dup2(log_file.fileno(), 2)
-    return job
+# ---------------------------------------------------------------- the serving side: start, follow, cancel
+
+ProgressFn = Callable[[int, int, float | None, float | None], None]
 
 
-def _serve_one_job() -> None:
-    """The worker's main: import the heavy parts, wait for a job, train it."""
-    from swift import sft_main  # noqa: F401  (the point of a warm worker: importing this is most of its start)
+class TrainingError(RuntimeError):
+    """Training failed; the message ends with the tail of its log."""
 
-    job = receive_job()
-    if job is None:
-        return
-    with os.fdopen(int(os.environ[EVENTS_FD_ENV]), "w", buffering=1, encoding="utf-8") as events:
-        # A parent that died closes the pipe: the next event then fails and ends this worker too.
-        run_job(job, lambda event: events.write(json.dumps(event) + "\n"))
+
+class TrainingCancelled(TrainingError):
+    """should_cancel() returned True and training was killed."""
+
+
+def train_adapter(
+    model: ResolvedModel,
+    dataset_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    recipe: Recipe,
+    on_progress: ProgressFn | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    warm: WarmWorkers | None = None,
+) -> Path:
+    """Train outside this process; return the adapter folder (peft format: adapter_config.json + adapter_model.safetensors).
+
+    One device: a worker process runs ``run_job`` (``warm``: take one that already imported torch
+    and ms-swift instead of starting one cold). SELFCOG_TRAIN_GPUS with two or more GPUs: ms-swift's
+    launcher trains over them (``multi_gpu_command``). Either way ``on_progress(step, total_steps,
+    loss, eta_s)`` is called from this thread as training logs (once at start with step 0);
+    ``should_cancel()`` is polled twice a second, and True kills every training process and raises
+    TrainingCancelled. A failure raises TrainingError with the tail of ``output_dir/worker.log``.
+    """
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dataset_path = Path(dataset_path).resolve()
+    gpus = training_gpus()
+    if len(gpus) > 1:
+        argv, env = multi_gpu_command(model, dataset_path, output_dir, recipe, gpus, port=free_port(),
+                                      default_system=template_default_system(model.path))
+        trainer: Worker | SwiftLaunch = SwiftLaunch(argv, env, output_dir)
+    else:
+        job_path = output_dir / "job.json"
+        job = {"model": asdict(model), "dataset": str(dataset_path), "output_dir": str(output_dir),
+               "recipe": asdict(recipe)}
+        job_path.write_text(json.dumps(job, indent=1))
+        trainer = warm.take() if warm is not None else Worker(recipe.threads)
+        trainer.give(job_path)
+
+    log_path = output_dir / "worker.log"
+    result: dict | None = None
+    try:
+        while True:
+            if should_cancel and should_cancel():
+                trainer.kill()
+                raise TrainingCancelled(f"training cancelled; log: {log_path}")
+            try:
+                event = trainer.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if event is None:
+                break
+            if event["event"] == "progress" and on_progress:
+                on_progress(event["step"], event["total_steps"], event.get("loss"), event.get("eta_s"))
+            elif event["event"] == "done":
+                result = event
+    except BaseException:
+        trainer.kill()  # this thread is going away (Ctrl-C, an on_progress that failed): training goes too
+        raise
+    code = trainer.process.wait()
+    if code != 0 or result is None:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:] if log_path.exists() else []
+        raise TrainingError(f"training exited with code {code}; log: {log_path}\n" + "\n".join(tail))
+    return Path(result["adapter"])
+
+
+# ---------------------------------------------------------------- python -m finetune.train
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """A ``--name`` flag for every Recipe field (left out: the recipe's value)."""
+    for f in dataclasses.fields(Recipe):
+        default = f.default
+        if isinstance(default, tuple):
+            parser.add_argument(f"--{f.name}", nargs="+", help=f"default {' '.join(default)}")
+        elif isinstance(default, bool):
+            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), help=f"default {default}")
+        else:
+            kind = int if f.name in ("lora_top_layers", "threads", "max_templates", "replay_max_chars") else type(default)
+            parser.add_argument(f"--{f.name}", type=kind, help=f"default {default}")
+
+
+def recipe_from_args(args: argparse.Namespace, base: Recipe = CPU_SMALL) -> Recipe:
+    """``base`` with the Recipe flags that were given."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
+    if "lora_targets" in values:
+        values["lora_targets"] = tuple(values["lora_targets"])
+    return replace(base, **values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bot.models import resolve_model
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, type=Path,
+                        help="ms-swift JSONL, one {'messages': [...]} a line (selfcog export dataset writes one)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for worker.log and ms-swift's checkpoint-N/")
+    parser.add_argument("--model", default="embedded", help="'embedded', a Hugging Face model folder or a cached hub id")
+    parser.add_argument("--cache-dir", default="data/cache", help="where the embedded model is converted")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="whose recipe defaults to start from (default: cuda if torch sees one)")
+    add_recipe_flags(parser)
+    args = parser.parse_args(argv)
+    if not args.dataset.is_file():
+        parser.error(f"--dataset {args.dataset}: no such file")
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def on_progress(step, total, loss, eta_s):
+        loss_eta = f"  loss {loss:.4f}" if loss is not None else ""
+        loss_eta += f"  eta {eta_s:.0f} s" if eta_s is not None else ""
+        print(f"step {step}/{total}{loss_eta}", flush=True)
+
+    try:
+        model = resolve_model(args.model, args.cache_dir)
+        recipe = recipe_from_args(args, recipe_for(model, args.device))
+        adapter = train_adapter(model, args.dataset, args.out, recipe, on_progress=on_progress)
+    except (UserError, TrainingError) as e:
+        sys.exit(f"error: {e}")
+    print(adapter)
 
 
 if __name__ == "__main__":
-    _serve_one_job()
+    main()

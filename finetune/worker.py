@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -223,6 +224,13 @@ class SwiftLaunch:
                 self.process.wait(timeout=LOG_POLL_S)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for torchrun's rendezvous (MASTER_PORT)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def event_from_log(logs: dict) -> dict | None:
