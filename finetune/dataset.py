@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -200,10 +201,7 @@ class Dataset:
         return hashlib.sha256(self.swift_jsonl().encode("utf-8")).hexdigest()
 
     def write_swift(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.swift_jsonl(), encoding="utf-8")
-        return path
+        return _write_private(path, self.swift_jsonl())
 
     def alpaca(self) -> list[dict]:
         """LLaMA-Factory's alpaca format (instruction/input/output/system/history); no "system" key means none."""
@@ -218,10 +216,18 @@ class Dataset:
         return out
 
     def write_alpaca(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.alpaca(), ensure_ascii=False, indent=1), encoding="utf-8")
-        return path
+        return _write_private(path, json.dumps(self.alpaca(), ensure_ascii=False, indent=1))
+
+
+def _write_private(path: str | Path, text: str) -> Path:
+    """Write a training set readable by its owner only (0600): it holds what users wrote."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode through os.open
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
 
 
 def build_dataset(

@@ -1,7 +1,9 @@
-"""Shared fixtures: a fresh store per test, the real embedded model loaded once per session.
+"""Shared fixtures: a fresh store per test, the real embedded model loaded once per session, and one
+real retrain per run (`retrained`) whose adapter every other retrain replays (`replay`, `job_runner`).
 
-The converted model lives in a cache shared by every test and every run (.cache/ at the repo
-root, or SELFCOG_TEST_CACHE), so only the very first run on a machine pays the ~45 s conversion.
+The converted model, the base model's answers and evaluation reports live in a cache shared by every
+test and every run (.cache/ at the repo root, or SELFCOG_TEST_CACHE), so only the very first run on a
+machine pays the ~45 s conversion.
 """
 
 from __future__ import annotations

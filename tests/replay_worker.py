@@ -6,7 +6,7 @@ Telegram, cancel and crash handling) run on the suite's one real retrain without
     python -m tests.replay_worker RECORDED [--hold-at STEP --fifo PATH] --selfcog ARGS  # `selfcog ARGS` with it
 
 RECORDED is a real run's training folder (`data/runs/<id>/train`): ms-swift's logging.jsonl and the
-adapter it saved (checkpoint-N/). The worker speaks finetune/train.py's protocol: it waits for the
+adapter it saved (checkpoint-N/). The worker speaks finetune/worker.py's protocol: it waits for the
 job path on stdin, writes its output to the job's worker.log, sends the recorded steps, losses and
 ETAs as progress events on the events pipe, copies the recorded adapter into the job's output folder
 and reports it done. With --hold-at it stops after that step until the test calls Replay.release()
@@ -38,15 +38,15 @@ class Replay:
         return cls(Path(recorded), step, fifo)
 
     def worker_command(self) -> list[str]:
-        """What finetune.train._worker_command returns while this replay is in place."""
+        """What finetune.worker._worker_command returns while this replay is in place."""
         held = ["--hold-at", str(self.hold_at), "--fifo", str(self.fifo)] if self.hold_at is not None else []
         return [sys.executable, "-m", "tests.replay_worker", str(self.recorded), *held]
 
     def install(self, monkeypatch) -> None:
         """For a job runner in this process: its training workers replay from now on."""
-        from finetune import train
+        from finetune import worker
 
-        monkeypatch.setattr(train, "_worker_command", self.worker_command)
+        monkeypatch.setattr(worker, "_worker_command", self.worker_command)
 
     def selfcog_command(self, *args: str) -> list[str]:
         """`selfcog ARGS` as a subprocess whose training workers replay (run it from the repository root)."""
@@ -89,7 +89,7 @@ def write_recording(folder: Path, losses: list[float], seconds_per_step: float, 
 
 def replay(recorded: Path, hold_at: int | None, fifo: Path | None) -> None:
     """The worker's main: wait for a job, replay the recorded run as its progress, hand back the adapter."""
-    from finetune.train import EVENTS_FD_ENV, receive_job
+    from finetune.worker import EVENTS_FD_ENV, receive_job
 
     job = receive_job()
     if job is None:
@@ -122,10 +122,10 @@ def main() -> None:
     if args.selfcog is None:
         replay(args.recorded, args.hold_at, args.fifo)
         return
-    from finetune import train
+    from finetune import worker
     from selfcog.cli import main as selfcog
 
-    train._worker_command = Replay(args.recorded, args.hold_at, args.fifo).worker_command
+    worker._worker_command = Replay(args.recorded, args.hold_at, args.fifo).worker_command
     sys.argv = ["selfcog", *args.selfcog]
     selfcog()
 

@@ -23,7 +23,9 @@ import gradio as gr
 import uvicorn
 from fastapi.responses import FileResponse, JSONResponse
 from gradio.http_server import Server
+from gradio.routes import App as GradioApp
 from pydantic import BaseModel
+from starlette.routing import Mount
 
 from bot.admin import Admin
 from bot.chat import ChatService
@@ -32,6 +34,8 @@ from ui.chat_page import chat_page
 from ui.sessions import COOKIE, IDLE_S, AdminSessions, LoginRefused, client_host
 
 log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 10
 
 CSS = """
 #chat-status, #admin-overview { font-size: 0.95em; }
@@ -114,12 +118,24 @@ def build_app(chat: ChatService, admin: Admin, *, admin_password: str | None = N
     return gr.mount_gradio_app(app, demo, path="/", css=CSS, footer_links=["gradio"])
 
 
-def launch(app: fastapi.FastAPI, host: str, port: int, *, block: bool = True) -> Server | None:
-    """Serve the app until Ctrl-C or SIGTERM; block=False returns the running server at once (close() stops it)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+class WebServer(Server):
+    """uvicorn (in Gradio's wrapper, which can also run it in a thread) that ends the pages' heartbeat
+    streams as it stops, as Blocks.close() does: otherwise a graceful stop waits for every open page."""
+
+    async def shutdown(self, sockets=None):
+        for route in self.config.app.routes:
+            if isinstance(route, Mount) and isinstance(route.app, GradioApp):
+                route.app.stop_event.set()
+        await super().shutdown(sockets)
+
+
+def launch(app: fastapi.FastAPI, host: str, port: int, *, block: bool = True) -> WebServer:
+    """Serve the app until Ctrl-C or SIGTERM; block=False returns at once, serving (close() stops it)."""
+    # Answers being streamed get STOP_GRACE_S to finish; one cut short is stored as far as it got.
+    server = WebServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                      timeout_graceful_shutdown=STOP_GRACE_S))
     if block:
-        uvicorn.Server(config).run()
-        return None
-    server = Server(config)  # Gradio's: uvicorn in a thread, started when this returns
-    server.run_in_thread()
+        server.run()
+    else:
+        server.run_in_thread()
     return server

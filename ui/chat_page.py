@@ -100,15 +100,14 @@ def chat_page(chat: ChatService, app: gr.Blocks) -> None:
         if not turn.text and not problem:
             problem = "⚠️ The model gave an empty answer; please try again or rephrase. · 模型没有给出回答，请重试。"
         history, ids = views.chat_messages(chat.history(conversation_id))  # what was stored, with its ids
-        yield {chatbot: history, message_ids: ids, notice: problem, status: views.chat_status(chat.status()),
-               send: gr.Button(interactive=True)}
+        yield {chatbot: history, message_ids: ids, notice: problem, status: views.chat_status(chat.status())}
 
     def feedback(ids: list, saved_key: str, conversation_id: int | None, data: gr.LikeData):
         """👍/👎 on an answer is stored; 👎 and "Correct this answer" open the correction box for it."""
         index = data.index if isinstance(data.index, int) else data.index[0]
         if index >= len(ids) or ids[index] is None:
             return {notice: "⏳ That answer is still being written; wait until it is done. · 回答尚未完成。"}
-        shown = {}
+        shown = {notice: ""}  # (a rating taken back: nothing to say)
         if data.liked in (True, False):
             try:
                 chat.rate(ids[index], 1 if data.liked else -1, channel="web", user=browser_key(saved_key))
@@ -153,9 +152,10 @@ def chat_page(chat: ChatService, app: gr.Blocks) -> None:
     correction_parts = {correction_box, correction_text, correction_notice, correcting}
     app.load(open_chat, key, {key, conversation, chatbot, message_ids, status}, show_progress="hidden")
     gr.on([message.submit, send.click], respond, [message, key, conversation],
-          {message, chatbot, message_ids, key, conversation, notice, status, send}, concurrency_id="chat", **private)
-    chatbot.like(feedback, [message_ids, key, conversation], {notice, correction_box, correction_about, correction_notice,
-                                                         correcting}, **private)
+          {message, chatbot, message_ids, key, conversation, notice, status, send}, concurrency_id="chat", **private
+          ).then(lambda: gr.Button(interactive=True), None, send, show_progress="hidden", **private)  # answered
+    chatbot.like(feedback, [message_ids, key, conversation],
+                 {notice, correction_box, correction_about, correction_notice, correcting}, **private)
     submit_correction.click(save_correction, [correcting, correction_text, key], {notice, *correction_parts},
                             **private)
     cancel_correction.click(close_correction, None, correction_parts, **private)

@@ -78,8 +78,9 @@ def progress_html(run: RunSummary | None) -> str:
     else:  # a full bar, its colour by data-ok (ui/app.py's CSS): green, red, or grey
         bar = '<div class="run-bar"></div>'
         ok = "neutral" if run.status in ("cancelled", "skipped") else str(run.ok).lower()
-    return (f'<div id="retrain-state" data-status="{html.escape(run.status)}" data-stage="{html.escape(run.stage or "")}" '
-            f'data-ok="{ok}">{STATUS_ICONS.get(run.status, "")} {html.escape(run.outcome_line)}{bar}</div>')
+    status, stage = html.escape(run.status), html.escape(run.stage or "")
+    return (f'<div id="retrain-state" data-status="{status}" data-stage="{stage}" data-ok="{ok}">'
+            f'{STATUS_ICONS.get(run.status, "")} {html.escape(run.outcome_line)}{bar}</div>')
 
 
 def losses_frame(losses: list[dict]) -> pd.DataFrame:

@@ -30,7 +30,7 @@ __all__ = ["AdapterFolderError", "AdapterRef", "Engine", "EngineError", "Message
 
 Messages = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "vllm", "openai")
 
 
 class EngineError(UserError):
@@ -147,4 +147,12 @@ def make_engine(settings, model, *, active_adapter: Callable[[], dict | None] | 
 
         return LocalEngine(model, active_adapter=active_adapter, device=settings.device,
                            max_new_tokens=settings.max_new_tokens)
+    if backend == "vllm":  # a vLLM server selfcog starts on loopback and looks after
+        from bot.engines.openai import managed_vllm
+
+        return managed_vllm(settings, model, active_adapter=active_adapter)
+    if backend == "openai":  # an OpenAI-compatible server someone else runs (SELFCOG_OPENAI_BASE_URL)
+        from bot.engines.openai import attached
+
+        return attached(settings, model, active_adapter=active_adapter)
     raise EngineError(f"unknown engine {backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -248,3 +248,9 @@ def test_after_a_rename_corrections_naming_the_old_identity_are_left_out():
     assert {e["id"] for e in ds.report["excluded_corrections"]} == {1, 2}
     assert all("earlier identity" in e["reason"] for e in ds.report["excluded_corrections"])
     assert not any("Aurora" in m["content"] or "Acme" in m["content"] for r in ds.rows for m in r.messages)
+
+
+def test_written_training_sets_are_private(tmp_path):
+    ds = build([])
+    for path in (ds.write_swift(tmp_path / "d.jsonl"), ds.write_alpaca(tmp_path / "d.json")):
+        assert path.stat().st_mode & 0o777 == 0o600

@@ -2,14 +2,17 @@ import json
 import os
 import re
 import sys
+import select
 import textwrap
+from dataclasses import replace
 
 import pytest
 
+from bot.errors import UserError
 from bot.models import ResolvedModel
 from finetune import train
+from finetune import worker
 from finetune.train import (
-    EVENTS_FD_ENV,
     Recipe,
     TrainingCancelled,
     TrainingError,
@@ -18,6 +21,7 @@ from finetune.train import (
     template_default_system,
     train_adapter,
 )
+from finetune.worker import EVENTS_FD_ENV
 from tests.replay_worker import Replay, write_recording
 
 @pytest.fixture
@@ -47,7 +51,7 @@ def test_swift_args_are_offline_and_explicit(tiny_model):
     assert flag(args, "--gradient_accumulation_steps") == "1"  # ms-swift would pick 16 / batch_size
     assert flag(args, "--model_type") == "llama" and flag(args, "--template") == "chatml"
     assert flag(args, "--system") == "You are SmolLM"
-    assert "selfcog_progress" in args
+    assert "--callbacks" not in args  # run_job adds its progress callback: these args also work by hand
 
 
 def test_top_layers_become_a_target_regex(tiny_model):
@@ -69,10 +73,10 @@ def fake_worker(monkeypatch, tmp_path, body):
 
     Like the real worker it waits for the job on stdin (receive_job), so ``job`` is the job dict."""
     script = tmp_path / "worker.py"
-    preamble = (f"import json, os, sys\nfrom finetune.train import receive_job\njob = receive_job()\n"
+    preamble = (f"import json, os, sys\nfrom finetune.worker import receive_job\njob = receive_job()\n"
                 f"events = os.fdopen(int(os.environ[{EVENTS_FD_ENV!r}]), 'w', buffering=1)\n")
     script.write_text(preamble + textwrap.dedent(body))
-    monkeypatch.setattr(train, "_worker_command", lambda: [sys.executable, str(script)])
+    monkeypatch.setattr(worker, "_worker_command", lambda: [sys.executable, str(script)])
 
 
 def test_progress_flows_and_the_adapter_comes_back(monkeypatch, tmp_path, tiny_model):
@@ -172,3 +176,170 @@ def test_replay_worker_replays_a_recorded_run_and_holds_where_asked(monkeypatch,
     assert trained == (tmp_path / "out" / "checkpoint-3").resolve()
     assert (trained / "adapter_config.json").read_text() == '{"r": 8}'
     assert "holding at step 2" in (tmp_path / "out" / "worker.log").read_text()
+
+
+# ---------------------------------------------------------------- the CPU recipe's dtype
+
+
+def test_bf16_is_read_from_the_cpu_flags():
+    assert train.cpu_has_fast_bf16("flags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni")  # AMD EPYC (Zen 4)
+    assert train.cpu_has_fast_bf16("flags\t\t: fpu avx512f amx_bf16 amx_tile")  # Intel Sapphire Rapids
+    assert not train.cpu_has_fast_bf16("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni")
+    assert not train.cpu_has_fast_bf16("")
+
+
+def test_cpu_dtype_follows_the_flags_when_bf16_pays_and_the_setting_overrides(monkeypatch, tiny_model):
+    bf16_cpu, old_cpu = "flags : avx512f avx512_bf16", "flags : avx2 avx512f"
+    monkeypatch.delenv(train.TRAIN_DTYPE_ENV, raising=False)
+    assert train.cpu_dtype(bf16_cpu) == "float32", "measured no faster on the embedded model: fp32 stays the default"
+    monkeypatch.setattr(train, "BF16_WHEN_THE_CPU_HAS_IT", True)
+    assert (train.cpu_dtype(bf16_cpu), train.cpu_dtype(old_cpu)) == ("bfloat16", "float32")
+    monkeypatch.setenv(train.TRAIN_DTYPE_ENV, "float32")
+    assert train.cpu_dtype(bf16_cpu) == "float32"
+    monkeypatch.setenv(train.TRAIN_DTYPE_ENV, "bfloat16")
+    assert recipe_for(tiny_model, "cpu").dtype == "bfloat16"
+    assert recipe_for(tiny_model, "cuda").dtype == "bfloat16"
+    monkeypatch.setenv(train.TRAIN_DTYPE_ENV, "fp8")
+    with pytest.raises(UserError, match="SELFCOG_TRAIN_DTYPE must be float32 or bfloat16, not 'fp8'"):
+        recipe_for(tiny_model, "cpu")
+
+
+# ---------------------------------------------------------------- several GPUs: ms-swift's launcher
+
+
+def test_several_gpus_run_swift_sft_under_torchrun(monkeypatch, tiny_model):
+    monkeypatch.setenv(train.TRAIN_GPUS_ENV, " 0, 1")
+    gpus = train.training_gpus()
+    assert gpus == ["0", "1"]
+    recipe = train.GPU
+    argv, env = train.multi_gpu_command(tiny_model, "/d.jsonl", "/out", recipe, gpus, port=29555, default_system="S")
+    assert argv[:4] == [sys.executable, "-m", "swift.cli.main", "sft"]
+    assert flag(argv, "--per_device_train_batch_size") == str(recipe.batch_size // 2), "the global batch stays"
+    assert argv[4:] == swift_sft_args(tiny_model, "/d.jsonl", "/out", replace(recipe, batch_size=16), "S")
+    assert env == {"NPROC_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1", "MASTER_PORT": "29555",
+                   "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    _, three = train.multi_gpu_command(tiny_model, "d", "o", replace(recipe, batch_size=8), ["0", "1", "2"], port=1,
+                                       default_system=None)
+    assert three["NPROC_PER_NODE"] == "3"
+    # ms-swift's launcher turns exactly these variables into torchrun's arguments
+    from swift.cli import main as swift_cli
+
+    monkeypatch.delenv("NNODES", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert swift_cli.get_torchrun_args() == ["--nproc_per_node", "2", "--master_port", "29555"]
+    assert swift_cli.ROUTE_MAPPING["sft"] == "swift.cli.sft"
+
+
+def test_swift_logging_jsonl_becomes_progress_events(tmp_path):
+    """ms-swift's logging.jsonl as 4.6 writes it: a line per logged step, the run's summary, then the result."""
+    lines = [
+        {"loss": 1.12648451, "grad_norm": 0.82964367, "learning_rate": 0.0009986, "token_acc": 0.88928571,
+         "epoch": 0.5, "global_step/max_steps": "1/2", "elapsed_time": "27s", "remaining_time": "27s",
+         "memory(GiB)": 15.7, "train_speed(s/it)": 26.781132},
+        {"loss": 0.75, "grad_norm": 0.7, "learning_rate": 0.0, "token_acc": 0.9, "epoch": 1.0,
+         "global_step/max_steps": "2/2", "elapsed_time": "50s", "remaining_time": "0s", "train_speed(s/it)": 25.0},
+        {"train_runtime": 50.1, "train_samples_per_second": 0.32, "train_steps_per_second": 0.04, "train_loss": 0.94,
+         "epoch": 1.0, "global_step/max_steps": "2/2", "elapsed_time": "50s", "remaining_time": "0s"},
+        {"last_model_checkpoint": "/runs/7/train/checkpoint-2", "best_model_checkpoint": None, "best_metric": None,
+         "global_step": 2, "log_history": [{"loss": 1.12648451, "step": 1}], "memory": 15.7},
+    ]
+    path = tmp_path / "logging.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    events = [worker.event_from_log(json.loads(line)) for line in path.read_text().splitlines()]
+    assert events == [
+        {"event": "progress", "step": 1, "total_steps": 2, "loss": 1.12648451, "eta_s": 26.8},
+        {"event": "progress", "step": 2, "total_steps": 2, "loss": 0.75, "eta_s": 0.0},
+        None,  # the summary is not a step
+        {"event": "done", "adapter": "/runs/7/train/checkpoint-2", "global_step": 2},
+    ]
+
+
+def fake_launcher(monkeypatch, tmp_path, body):
+    """Replace ms-swift's launcher by a small script: it gets `sft ARGS` and torchrun's environment,
+    and writes ms-swift's logging.jsonl (``log(dict)``) into ``out``, the --output_dir."""
+    script = tmp_path / "launcher.py"
+    preamble = ("import json, os, sys\nargs = sys.argv[1:]\nout = args[args.index('--output_dir') + 1]\n"
+                "def log(line):\n"
+                "    with open(os.path.join(out, 'logging.jsonl'), 'a') as f:\n"
+                "        f.write(json.dumps(line) + '\\n')\n")
+    script.write_text(preamble + textwrap.dedent(body))
+    monkeypatch.setattr(train, "_swift_cli", lambda: [sys.executable, str(script)])
+    monkeypatch.setenv(train.TRAIN_GPUS_ENV, "0,1")
+
+
+def test_training_on_several_gpus_reports_progress_and_returns_the_last_checkpoint(monkeypatch, tmp_path, embedded_model):
+    fake_launcher(monkeypatch, tmp_path, """
+        print("argv", json.dumps(args), flush=True)
+        print("env", *(f"{k}={os.environ.get(k)}" for k in ("NPROC_PER_NODE", "CUDA_VISIBLE_DEVICES", "NCCL_NVLS_ENABLE")))
+        for step in (1, 2, 3):
+            log({"loss": 2.0 / step, "global_step/max_steps": f"{step}/3", "train_speed(s/it)": 4.0})
+        os.makedirs(os.path.join(out, "checkpoint-3"))
+        log({"train_runtime": 12.0, "train_loss": 1.2, "global_step/max_steps": "3/3"})
+        log({"last_model_checkpoint": os.path.join(out, "checkpoint-3"), "global_step": 3})
+    """)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "logging.jsonl").write_text('{"last_model_checkpoint": "/an/earlier/try"}\n')  # ms-swift appends
+    seen = []
+    adapter = train_adapter(embedded_model, tmp_path / "d.jsonl", out, replace(Recipe(), batch_size=8),
+                            on_progress=lambda *a: seen.append(a))
+    assert adapter == (out / "checkpoint-3").resolve()
+    assert seen == [(0, 3, None, None), (1, 3, 2.0, 8.0), (2, 3, 1.0, 4.0), (3, 3, 2.0 / 3, 0.0)]
+    log = (out / "worker.log").read_text()
+    assert "env NPROC_PER_NODE=2 CUDA_VISIBLE_DEVICES=0,1 NCCL_NVLS_ENABLE=0" in log
+    argv = json.loads(log.split("argv ", 1)[1].splitlines()[0])
+    assert argv[0] == "sft" and flag(argv, "--per_device_train_batch_size") == "4"
+    assert flag(argv, "--dataset") == str((tmp_path / "d.jsonl").resolve())
+    assert flag(argv, "--system") == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def test_cancel_on_several_gpus_kills_every_rank(monkeypatch, tmp_path, embedded_model):
+    alive = tmp_path / "rank-alive"  # the rank holds it open for writing while it lives
+    os.mkfifo(alive)
+    watch = os.open(alive, os.O_RDONLY | os.O_NONBLOCK)
+    fake_launcher(monkeypatch, tmp_path, f"""
+        import signal, subprocess
+        rank = subprocess.Popen([sys.executable, "-c", "import signal; f = open({str(alive)!r}, 'w'); print(1, flush=True); signal.pause()"],
+                                stdout=subprocess.PIPE)  # torchrun's worker
+        rank.stdout.readline()
+        log({{"loss": 2.0, "global_step/max_steps": "1/9", "train_speed(s/it)": 4.0}})
+        signal.pause()
+    """)
+    seen = []
+    with pytest.raises(TrainingCancelled):
+        train_adapter(embedded_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(),
+                      on_progress=lambda *a: seen.append(a), should_cancel=lambda: len(seen) >= 2)
+    readable, _, _ = select.select([watch], [], [], 60)  # the end of file comes when the last writer is gone
+    assert readable and os.read(watch, 1) == b"", "the rank outlived the cancel"
+    os.close(watch)
+
+
+def test_a_failed_launch_raises_with_the_log_tail(monkeypatch, tmp_path, embedded_model):
+    fake_launcher(monkeypatch, tmp_path, """
+        sys.exit("torch.distributed.elastic.multiprocessing.errors.ChildFailedError: rank 1 failed")
+    """)
+    with pytest.raises(TrainingError, match="ChildFailedError") as info:
+        train_adapter(embedded_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe())
+    assert "code 1" in str(info.value)
+
+
+def test_python_m_finetune_train_trains_with_the_recipe_flags(monkeypatch, tmp_path, tiny_model, capsys):
+    """`python -m finetune.train --dataset D --out O [--model M] [recipe flags]` (its main, on a fake worker)."""
+    fake_worker(monkeypatch, tmp_path, """
+        events.write(json.dumps({"event": "progress", "step": 1, "total_steps": 1, "loss": 0.5, "eta_s": 0.0}) + "\\n")
+        events.write(json.dumps({"event": "done", "adapter": job["output_dir"] + "/checkpoint-1", "global_step": 1}) + "\\n")
+    """)
+    monkeypatch.delenv(train.TRAIN_GPUS_ENV, raising=False)
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text('{"messages": []}\n')
+    train.main(["--dataset", str(dataset), "--out", str(tmp_path / "out"), "--model", tiny_model.path,
+                "--device", "cpu", "--learning_rate", "2e-3", "--lora_targets", "q_proj", "v_proj"])
+    out = capsys.readouterr().out
+    assert "step 1/1  loss 0.5000  eta 0 s" in out and out.strip().endswith(str((tmp_path / "out" / "checkpoint-1").resolve()))
+    job = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert job["recipe"]["learning_rate"] == 2e-3 and job["recipe"]["lora_targets"] == ["q_proj", "v_proj"]
+    assert job["recipe"]["epochs"] == Recipe().epochs, "flags left out keep the device's recipe"
+    with pytest.raises(SystemExit, match="2"):
+        train.main(["--dataset", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o2"), "--device", "cpu"])
+    assert "error: --dataset" in capsys.readouterr().err.splitlines()[-1] and not (tmp_path / "o2").exists()

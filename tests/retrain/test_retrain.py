@@ -159,7 +159,7 @@ def test_killed_worker_leaves_run_failed_and_previous_adapter_live(seeded, cli_e
     retrain = start_retrain(cli_env)
     try:
         run = wait_for_training(seeded)
-        workers = worker_pids(retrain.pid, "finetune.train")
+        workers = worker_pids(retrain.pid, "finetune.worker")
         assert workers, "the real ms-swift worker is training"
         for pid in workers:
             os.kill(pid, signal.SIGKILL)

@@ -30,7 +30,8 @@ def message_buttons(page: Page, role: str):
 
 
 def wait_for_answer(page: Page, count: int) -> str:
-    """Wait until the count-th answer is complete (Send, disabled while an answer streams, is back); returns it."""
+    """Wait until the count-th answer is complete (Send, disabled while an answer is on its way, is back
+    once it is done); returns its text."""
     expect(page.locator(BOT)).to_have_count(count, timeout=ANSWER_TIMEOUT_MS)
     expect(page.locator("#chat-send")).to_be_enabled(timeout=ANSWER_TIMEOUT_MS)
     return page.locator(BOT).nth(count - 1).inner_text().strip()
