@@ -50,7 +50,7 @@ test: install browser vllm
 
 # Everything except the minutes-long parts: the quick loop while working.
 test-fast: install
-	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not browser and not vllm" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m bench.run_cpu

@@ -56,10 +56,11 @@ def write_dataset(folder: Path) -> Path:
 
 
 class GpuMemory:
-    """The whole GPU's memory in use, sampled by nvidia-smi every 0.2 s; .peak_gib after stop()."""
+    """The whole GPU's memory in use, sampled by nvidia-smi every 0.2 s: .peak_gib (the largest of any GPU)
+    and .peak_gib_per_gpu after the with-block."""
 
     def __init__(self):
-        self.peak_gib, self._stop = 0.0, threading.Event()
+        self.peak_gib, self.peak_gib_per_gpu, self._stop = 0.0, [], threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
@@ -75,7 +76,10 @@ class GpuMemory:
             try:
                 out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                                      capture_output=True, text=True, timeout=5).stdout
-                self.peak_gib = max(self.peak_gib, max(float(x) for x in out.split()) / 1024)
+                used = [float(x) / 1024 for x in out.split()]
+                self.peak_gib_per_gpu = [round(max(a, b), 1) for a, b in
+                                         zip(used, self.peak_gib_per_gpu or [0.0] * len(used))]
+                self.peak_gib = max(self.peak_gib, *used)
             except (OSError, ValueError, subprocess.SubprocessError):
                 pass
             self._stop.wait(0.2)

@@ -152,11 +152,11 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
     trained: an adapter folder trained elsewhere (``swift sft`` on several GPUs, say): skip the
     dataset and training, and put it through the same evaluation and gate.
     The report's ``phases`` gives the seconds of each stage: dataset, worker_start, training,
-    evaluation, swap."""
+    evaluation, swap. worker_start ends at the first progress event: the first step is done when
+    the worker starts with weights already loaded, and on several GPUs (ms-swift logs per step)."""
     run_id = run["id"]
     started = time.perf_counter()
     run_dir = Path(settings.data_dir) / "runs" / str(run_id)
-    recipe = recipe or recipe_for(model, settings.device)
     phases: dict[str, float] = {}
     report: dict = {"run_id": run_id, "status": None, "promoted": False, "adapter": None, "metrics": {},
                     "phases": phases}
@@ -171,6 +171,7 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
     beating = threading.Event()
     threading.Thread(target=_heartbeat, args=(store, run_id, beating), daemon=True).start()
     try:
+        recipe = recipe or recipe_for(model, settings.device)  # a bad SELFCOG_TRAIN_DTYPE fails the run here
         if trained is not None:
             try:
                 check_adapter_folder(trained, model)
@@ -204,8 +205,9 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
                 phases["worker_start"] = round(time.perf_counter() - clock, 1)
             store.runs.progress(run_id, stage="training", step=step, total_steps=total, loss=loss, eta_s=eta)
 
-        candidate = train_adapter(model, dataset_path, run_dir / "train", recipe, on_progress=on_progress,
-                                  should_cancel=lambda: store.runs.cancel_requested(run_id), warm=warm)
+        with engine.pause_for_training(expected_s=_expected_training_s(store)):
+            candidate = train_adapter(model, dataset_path, run_dir / "train", recipe, on_progress=on_progress,
+                                      should_cancel=lambda: store.runs.cancel_requested(run_id), warm=warm)
         phases.setdefault("worker_start", 0.0)
         phases["training"] = round(time.perf_counter() - clock - phases["worker_start"], 1)
         report["candidate_path"] = str(candidate)
@@ -226,6 +228,14 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
         raise
     finally:
         beating.set()
+
+
+def _expected_training_s(store: Store) -> float | None:
+    """How long the last promoted or rejected retrain trained: what chats are told to wait meanwhile."""
+    last = store.runs.last_finished(("promoted", "rejected"))
+    phases = ((last or {}).get("report") or {}).get("phases") or {}
+    seconds = phases.get("training", 0) + phases.get("worker_start", 0)
+    return seconds or None
 
 
 def _heartbeat(store: Store, run_id: int, stop: threading.Event, every_s: float = 30.0) -> None:

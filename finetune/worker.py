@@ -34,6 +34,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_POLL_S = 0.5  # how often SwiftLaunch reads ms-swift's logging.jsonl
 
 
+def training_gpus() -> list[str]:
+    """The GPUs SELFCOG_TRAIN_GPUS lists ("0,1" -> ["0", "1"]); [] when unset."""
+    return [gpu.strip() for gpu in os.environ.get(TRAIN_GPUS_ENV, "").split(",") if gpu.strip()]
+
+
 def training_env() -> dict[str, str]:
     """The environment of every training process: offline, unbuffered, this repository importable."""
     return os.environ | {
@@ -111,7 +116,7 @@ class WarmWorkers:
 
     Each worker trains one job and exits, so no state leaks from one retrain into the next. A worker
     waiting for a job exits when this process dies (its stdin closes). Training on several GPUs
-    (SELFCOG_TRAIN_GPUS=0,1) goes through ms-swift's launcher and leaves the waiting worker be."""
+    (SELFCOG_TRAIN_GPUS=0,1) goes through ms-swift's launcher, so no worker waits then."""
 
     def __init__(self, threads: int | None = None, *, prestart: bool = False):
         self.threads = threads
@@ -122,7 +127,9 @@ class WarmWorkers:
             self.prepare()
 
     def prepare(self) -> None:
-        """Start the next worker now if none is waiting."""
+        """Start the next worker now if none is waiting (and none when training goes through ms-swift's launcher)."""
+        if len(training_gpus()) > 1:
+            return
         with self._lock:
             if not self._closed and (self._next is None or self._next.process.poll() is not None):
                 self._next = Worker(self.threads)
@@ -205,25 +212,27 @@ class SwiftLaunch:
     def _follow_log(self) -> None:
         """Turn each new complete line of logging.jsonl into an event until the process is gone."""
         offset, started = 0, False
-        while True:
-            exited = self.process.poll() is not None  # read once more after the exit: the last lines
-            text = self.log_path.read_text(encoding="utf-8") if self.log_path.exists() else ""
-            end = text.rfind("\n") + 1  # a line still being written waits for the next read
-            for line in text[offset:end].splitlines():
-                event = event_from_log(json.loads(line))
-                if event and event["event"] == "progress" and not started:
-                    started = True  # step 0 first, as the worker sends it: training has begun
-                    self.events.put({"event": "progress", "step": 0, "total_steps": event["total_steps"]})
-                if event:
-                    self.events.put(event)
-            offset = end
-            if exited:
-                self.events.put(None)
-                return
-            try:
-                self.process.wait(timeout=LOG_POLL_S)
-            except subprocess.TimeoutExpired:
-                pass
+        try:
+            while True:
+                exited = self.process.poll() is not None  # read once more after the exit: the last lines
+                text = self.log_path.read_text(encoding="utf-8") if self.log_path.exists() else ""
+                end = text.rfind("\n") + 1  # a line still being written waits for the next read
+                for line in text[offset:end].splitlines():
+                    event = event_from_log(json.loads(line))
+                    if event and event["event"] == "progress" and not started:
+                        started = True  # step 0 first, as the worker sends it: training has begun
+                        self.events.put({"event": "progress", "step": 0, "total_steps": event["total_steps"]})
+                    if event:
+                        self.events.put(event)
+                offset = end
+                if exited:
+                    return
+                try:
+                    self.process.wait(timeout=LOG_POLL_S)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            self.events.put(None)  # even if a line could not be read: the caller then waits for the exit
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, ContextManager, Iterable, Iterator, Protocol
 
 from bot.engines.adapter_folder import AdapterFolderError, check_adapter_folder
 from bot.errors import UserError
@@ -131,6 +131,10 @@ class Engine(Protocol):
 
     def refresh_adapter(self) -> int | None:
         """Serve the store's active adapter now (not at the next poll); returns the live version."""
+
+    def pause_for_training(self, expected_s: float | None = None) -> ContextManager[None]:
+        """Around a retrain's training: free what training on the same device needs (a vLLM server sleeps),
+        chats meanwhile told to come back in about ``expected_s``; a no-op where nothing needs freeing."""
 
     def close(self) -> None:
         """Stop; requests still waiting fail with EngineError."""

@@ -41,6 +41,7 @@ import os
 # passive waiting costs little when the cores are idle. Must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import contextlib  # noqa: E402
 import logging  # noqa: E402
 import queue  # noqa: E402
 import threading  # noqa: E402
@@ -152,6 +153,10 @@ class LocalEngine:
         self._put([_Sequence(prompt, max_new_tokens, weights, on_done=batch.finisher(i))
                    for i, prompt in enumerate(prompts)])  # all at once: they are admitted together
         return batch.future
+
+    def pause_for_training(self, expected_s: float | None = None):
+        """Training runs in its own process beside this one: nothing to free, chats keep being answered."""
+        return contextlib.nullcontext()
 
     def refresh_adapter(self) -> int | None:
         """Serve the store's active adapter now (instead of at the next poll) and return the live version."""

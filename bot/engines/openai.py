@@ -7,10 +7,10 @@ The server does the batching; this module only speaks HTTP (streamed chat comple
 
 Adapters are vLLM runtime LoRAs, picked per request by the ``model`` field:
 
-- The live adapter (the store's active row, read at most every ``poll_s`` seconds and at once on
-  ``refresh_adapter()``) is loaded as ``selfcog-v<version>``, from its folder, with
+- The live adapter (the store's active row, read every ``poll_s`` seconds, before a request when
+  that is due, and at once on ``refresh_adapter()``) is loaded as ``selfcog-v<version>``, from its folder, with
   ``POST /v1/load_lora_adapter``; the previous live name is unloaded. Every selfcog process sharing
-  the server does the same, so whichever sees an activation first loads it; "already loaded" is fine.
+  the server does the same, so whichever sees an activation first loads it (the others load it in place).
 - A candidate folder (a retrain's evaluation) is loaded under a name of its own, answered, and unloaded.
 - The bare base is ``base`` on a managed server; an attached server's base model is
   SELFCOG_OPENAI_MODEL, or the only base model it lists.
@@ -66,7 +66,7 @@ class OpenAIEngine:
         self.poll_s = poll_s
         self.base_url = base_url.rstrip("/")
         self._model = model
-        self._server = server
+        self.server = server
         self._active_adapter = active_adapter
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client_options = dict(base_url=self.base_url, headers=headers,
@@ -87,6 +87,9 @@ class OpenAIEngine:
         if server is not None:
             server.on_restart = self._reload_live
         self.refresh_adapter()
+        self._closed = threading.Event()
+        # Idle or busy, the store is looked at every poll_s (requests look too, when it is due).
+        threading.Thread(target=self._follow_store, name="engine-follow-store", daemon=True).start()
 
     # --- the Engine protocol ----------------------------------------------------------------------
     @property
@@ -105,7 +108,7 @@ class OpenAIEngine:
         max_new_tokens = max_new_tokens or self.max_new_tokens
         body = {**self._request(messages, max_new_tokens, sampling), "stream": True,
                 "stream_options": {"include_usage": True}}
-        name = self._live_model()
+        name, version = self._live_model()
         started = time.perf_counter()
 
         def pieces() -> Iterator[str]:  # runs as the Reply is read; `reply` exists by then
@@ -117,7 +120,7 @@ class OpenAIEngine:
                 reply.seconds = time.perf_counter() - started
 
         reply = Reply(pieces(), prompt_tokens=0)  # the server counts the prompt: set from its usage at the end
-        reply.adapter_version = self.adapter_version
+        reply.adapter_version = version
         return reply
 
     def generate(self, conversations: list[Messages], *, adapter: str | Path = AdapterRef.ACTIVE,
@@ -129,7 +132,7 @@ class OpenAIEngine:
         if adapter == AdapterRef.BASE:
             return self._answers(bodies, self.base_name)
         if adapter == AdapterRef.ACTIVE:
-            name = self._live_model()
+            name, _ = self._live_model()
             try:
                 return self._answers(bodies, name)
             except _UnknownModel:  # the server restarted and forgot it: load it again, once
@@ -142,32 +145,43 @@ class OpenAIEngine:
         return self.adapter_version
 
     def close(self) -> None:
+        self._closed.set()
         self._http.close()
-        if self._server is not None:
-            self._server.stop()
+        if self.server is not None:
+            self.server.stop()
 
     @contextmanager
     def pause_for_training(self, expected_s: float | None = None):
         """Free the GPU for a retrain on the same card: the managed server sleeps, chats are told when it is
         back. Does nothing for a server that cannot sleep (CPU, or someone else's server)."""
-        if self._server is None or not self._server.sleep_mode:
+        if self.server is None or not self.server.sleep_mode:
             yield
             return
-        self._server.sleep()
+        self.server.sleep()
         self._paused_until = time.monotonic() + (expected_s or 0)
         try:
             yield
         finally:
-            self._server.wake_up()
+            self.server.wake_up()
             self._paused_until = None
-            self._reload_live()
+            try:
+                self._reload_live()  # in case the sleep dropped it
+            except EngineError as e:  # adapter_error says so; the retrain's own outcome matters more here
+                log.warning("after waking vLLM: %s", e)
 
     # --- adapters ---------------------------------------------------------------------------------
-    def _live_model(self) -> str:
-        """The model name that serves the live adapter (or the base), after looking at the store if due."""
+    def _live_model(self) -> tuple[str, int | None]:
+        """The model name that serves the live adapter (or the base) and its version, after looking at the store if due."""
         self._sync_live()
         live = self._live
-        return _live_name(live[0]) if live else self.base_name
+        return (_live_name(live[0]), live[0]) if live else (self.base_name, None)
+
+    def _follow_store(self) -> None:
+        while not self._closed.wait(max(self.poll_s, 0.2)):
+            try:
+                self._sync_live()
+            except Exception as e:  # the server is down (the next request says so), or closing
+                log.debug("could not follow the store: %s", e)
 
     def _sync_live(self, *, force: bool = False) -> None:
         """Make the store's active adapter the live one (loading it on the server); a refused one keeps the old."""
@@ -214,7 +228,7 @@ class OpenAIEngine:
                     self._error = f"adapter v{self._live[0]} could not be loaded again ({e})"
                     raise EngineError(self._error) from None
         self._sync_live(force=True)
-        return self._live_model()
+        return self._live_model()[0]
 
     def _with_candidate(self, folder: Path, use: Callable[[str], list[str]]) -> list[str]:
         """Load a folder under a name of its own for one batch, then unload it."""
@@ -234,8 +248,13 @@ class OpenAIEngine:
             check_adapter_folder(path, self._model)  # a clear line before the server tries
         except AdapterFolderError as e:
             raise _Refused(str(e)) from None
-        response = self._call("POST", "/load_lora_adapter", json={"lora_name": name, "lora_path": path})
-        if response.status_code != 200 and "already been loaded" not in response.text:
+        request = {"lora_name": name, "lora_path": path}
+        response = self._call("POST", "/load_lora_adapter", json=request)
+        if response.status_code == 400 and "already been loaded" in response.text:
+            # another selfcog process sharing the server loaded it (versions are immutable: the same weights);
+            # loading in place makes sure this name holds this path
+            response = self._call("POST", "/load_lora_adapter", json={**request, "load_inplace": True})
+        if response.status_code != 200:
             message = _message(response)
             # vLLM wraps the reason: "Call to add_lora method failed: Worker failed with error '<reason>', please ..."
             reason = re.search(r"failed with error '(.+?)'", message)
@@ -339,7 +358,7 @@ class OpenAIEngine:
             raise EngineError(f"the bot is learning from its corrections right now; {back}")
 
     def _unreachable(self, e: httpx.HTTPError) -> EngineError:
-        reason = self._server.down_reason() if self._server is not None else None
+        reason = self.server.down_reason() if self.server is not None else None
         return EngineError(reason or f"the model server at {self.base_url} is not reachable "
                                      f"({type(e).__name__}: {e or 'no answer'})")
 

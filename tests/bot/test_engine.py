@@ -187,8 +187,8 @@ def test_a_lora_made_for_another_shape_is_refused_naming_it(tmp_path, embedded_m
 def test_make_engine_picks_the_configured_backend(embedded_model):
     from selfcog.config import Settings
 
-    with pytest.raises(UserError, match="unknown engine 'vllm': choose one of local"):
-        make_engine(Settings(engine="vllm"), embedded_model)
+    with pytest.raises(UserError, match="unknown engine 'nope': choose one of local, vllm, openai"):
+        make_engine(Settings(engine="nope"), embedded_model)
     engine = make_engine(Settings(device="cpu", max_new_tokens=8), embedded_model, active_adapter=lambda: None)
     try:
         assert (engine.device, engine.adapter_version, engine.adapter_error) == ("cpu", None, None)

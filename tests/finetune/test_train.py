@@ -148,10 +148,10 @@ def test_train_gpus_setting_reaches_the_worker(monkeypatch, tmp_path, tiny_model
         events.write(json.dumps({"event": "done", "adapter": job["output_dir"] + "/checkpoint-1", "global_step": 1}) + "\\n")
     """)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    monkeypatch.setenv(train.TRAIN_GPUS_ENV, "1")
+    monkeypatch.setenv(worker.TRAIN_GPUS_ENV, "1")
     train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe())
     assert "CUDA_VISIBLE_DEVICES=1" in (tmp_path / "out" / "worker.log").read_text()
-    monkeypatch.delenv(train.TRAIN_GPUS_ENV)
+    monkeypatch.delenv(worker.TRAIN_GPUS_ENV)
     train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out2", Recipe())
     assert "CUDA_VISIBLE_DEVICES=0" in (tmp_path / "out2" / "worker.log").read_text()
 
@@ -208,8 +208,8 @@ def test_cpu_dtype_follows_the_flags_when_bf16_pays_and_the_setting_overrides(mo
 
 
 def test_several_gpus_run_swift_sft_under_torchrun(monkeypatch, tiny_model):
-    monkeypatch.setenv(train.TRAIN_GPUS_ENV, " 0, 1")
-    gpus = train.training_gpus()
+    monkeypatch.setenv(worker.TRAIN_GPUS_ENV, " 0, 1")
+    gpus = worker.training_gpus()
     assert gpus == ["0", "1"]
     recipe = train.GPU
     argv, env = train.multi_gpu_command(tiny_model, "/d.jsonl", "/out", recipe, gpus, port=29555, default_system="S")
@@ -229,6 +229,19 @@ def test_several_gpus_run_swift_sft_under_torchrun(monkeypatch, tiny_model):
         monkeypatch.setenv(name, value)
     assert swift_cli.get_torchrun_args() == ["--nproc_per_node", "2", "--master_port", "29555"]
     assert swift_cli.ROUTE_MAPPING["sft"] == "swift.cli.sft"
+
+
+def test_no_worker_waits_when_several_gpus_train(monkeypatch, tmp_path):
+    fake_worker(monkeypatch, tmp_path, "")
+    monkeypatch.setenv(worker.TRAIN_GPUS_ENV, "0,1")
+    warm = worker.WarmWorkers(prestart=True)
+    try:
+        assert warm.waiting_pid() is None, "ms-swift's launcher trains: a waiting worker would only hold memory"
+        monkeypatch.setenv(worker.TRAIN_GPUS_ENV, "1")
+        warm.prepare()
+        assert warm.waiting_pid() is not None
+    finally:
+        warm.close()
 
 
 def test_swift_logging_jsonl_becomes_progress_events(tmp_path):
@@ -265,7 +278,7 @@ def fake_launcher(monkeypatch, tmp_path, body):
                 "        f.write(json.dumps(line) + '\\n')\n")
     script.write_text(preamble + textwrap.dedent(body))
     monkeypatch.setattr(train, "_swift_cli", lambda: [sys.executable, str(script)])
-    monkeypatch.setenv(train.TRAIN_GPUS_ENV, "0,1")
+    monkeypatch.setenv(worker.TRAIN_GPUS_ENV, "0,1")
 
 
 def test_training_on_several_gpus_reports_progress_and_returns_the_last_checkpoint(monkeypatch, tmp_path, embedded_model):
@@ -330,7 +343,7 @@ def test_python_m_finetune_train_trains_with_the_recipe_flags(monkeypatch, tmp_p
         events.write(json.dumps({"event": "progress", "step": 1, "total_steps": 1, "loss": 0.5, "eta_s": 0.0}) + "\\n")
         events.write(json.dumps({"event": "done", "adapter": job["output_dir"] + "/checkpoint-1", "global_step": 1}) + "\\n")
     """)
-    monkeypatch.delenv(train.TRAIN_GPUS_ENV, raising=False)
+    monkeypatch.delenv(worker.TRAIN_GPUS_ENV, raising=False)
     dataset = tmp_path / "d.jsonl"
     dataset.write_text('{"messages": []}\n')
     train.main(["--dataset", str(dataset), "--out", str(tmp_path / "out"), "--model", tiny_model.path,

@@ -40,7 +40,8 @@ def wide_adapter(embedded_model, tmp_path_factory):
     torch.manual_seed(3)
     folder = tmp_path_factory.mktemp("wide") / "rank16"
     base = AutoModelForCausalLM.from_pretrained(embedded_model.path)
-    get_peft_model(base, LoraConfig(r=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(folder)
+    wide = LoraConfig(r=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, wide).save_pretrained(folder)
     return folder
 
 
@@ -53,10 +54,11 @@ def test_a_chat_streams_through_vllm_and_is_stored_with_its_stats(vllm_engine, s
     assert len(growing) > 1 and all(b.startswith(a.strip()) for a, b in zip(growing, growing[1:]))
     answer = store.conversations.messages(conversation)[1]
     assert "Paris" in answer["text"] and answer["adapter_version"] is None
-    sent = [{"role": "system", "content": chat.system_prompt()}, {"role": "user", "content": "What is the capital of France?"}]
+    sent = [{"role": "system", "content": chat.system_prompt()},
+            {"role": "user", "content": "What is the capital of France?"}]
     assert answer["prompt_tokens"] == vllm_engine.count_tokens(sent)  # the server's count, same tokenizer
     assert 0 < answer["completion_tokens"] <= 24
-    # streamed or batched, greedy is greedy
+    # streamed or not, a lone greedy request gets the same answer
     assert answer["text"] == vllm_engine.generate([sent], max_new_tokens=24)[0]
 
 
@@ -179,3 +181,30 @@ def test_a_retrain_on_the_gpu_puts_the_managed_server_to_sleep_and_wakes_it(embe
         assert recorded["argv"][:2] == ["--host", "127.0.0.1"]  # loopback only
     finally:
         engine.close()
+
+
+def test_selfcog_engine_vllm_starts_its_own_server_on_loopback(embedded_model, tmp_path, standin_python, monkeypatch):
+    from bot.engines import make_engine
+    from selfcog.config import Settings
+
+    monkeypatch.setenv("SELFCOG_VLLM_PYTHON", standin_python)
+    engine = make_engine(Settings(engine="vllm", device="cpu", data_dir=tmp_path), embedded_model,
+                         active_adapter=lambda: None)
+    try:
+        assert "".join(engine.stream(WHO)) == "Hello from the stand-in." and engine.device == "cpu"
+        argv = httpx.get(f"{engine.base_url.removesuffix('/v1')}/recorded").json()["argv"]
+        assert argv[:2] == ["--host", "127.0.0.1"] and argv[argv.index("--model") + 1] == embedded_model.path
+        assert argv[argv.index("--max-lora-rank") + 1] == "8"  # the CPU recipe's LoRA rank
+        assert "--enable-sleep-mode" not in argv  # vLLM sleeps on GPUs only
+        assert (tmp_path / "logs" / "vllm.log").read_text().count("vllm.entrypoints.openai.api_server") == 1
+    finally:
+        engine.close()
+    assert engine.server.pid is not None and not _alive(engine.server.pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
