@@ -71,13 +71,54 @@ def one(model_dir: Path, gpus: str, out: Path) -> dict:
         wall = time.perf_counter() - started
     (out / f"{data_dir.name}.log").write_text(done.stdout + "\n" + done.stderr)
     try:
-        report = json.loads(done.stdout.strip().splitlines()[-1])
+        report = json.loads(done.stdout[done.stdout.index("{"):])  # `retrain --json` prints one JSON object
     except (ValueError, IndexError):
         report = {"error": done.stderr[-3000:]}
     curve = loss_curve(data_dir)
     runtime = next((r["train_runtime"] for r in reversed(curve) if "train_runtime" in r), None)
     return {"gpus": gpus, "exit_code": done.returncode, "wall_s": round(wall, 1), "report": report,
             "train_runtime_s": runtime, "peak_gib_per_gpu": memory.peak_gib_per_gpu, "loss_curve": curve}
+
+
+def torch_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def summary(results: dict) -> list[tuple[str, tuple, list]]:
+    runs = {r["gpus"]: r for r in results["runs"]}
+    one, two = runs.get("0"), runs.get("0,1")
+    if not (one and two):
+        return []
+
+    def row(label, get, lower_is_better=True):
+        a, b = get(one), get(two)
+        return (label, a, b, common.ratio(b, a, lower_is_better=lower_is_better) if isinstance(a, (int, float)) else "")
+
+    phases = lambda r, k: (r["report"].get("phases") or {}).get(k)  # noqa: E731
+    cand = lambda r: r["report"]["metrics"]["candidate"]  # noqa: E731
+    losses = lambda r: [x["loss"] for x in r["loss_curve"] if "loss" in x]  # noqa: E731
+    gap = max(abs(x - y) for x, y in zip(losses(one), losses(two)))
+    rows = [
+        row("trigger -> gate, s (the run's own clock)", lambda r: r["report"].get("seconds")),
+        row("  dataset, s", lambda r: phases(r, "dataset")),
+        row("  worker start (to the first logged step), s", lambda r: phases(r, "worker_start")),
+        row("  training, s", lambda r: phases(r, "training")),
+        row("  ms-swift train_runtime, s", lambda r: round(r["train_runtime_s"], 1)),
+        row("  evaluation, s", lambda r: phases(r, "evaluation")),
+        row("CLI process, start to exit, s", lambda r: r["wall_s"]),
+        row("peak GiB, GPU 0 (serving engine + rank 0)", lambda r: r["peak_gib_per_gpu"][0]),
+        row("peak GiB, GPU 1", lambda r: r["peak_gib_per_gpu"][1]),
+        ("steps (global batch 32)", len(losses(one)), len(losses(two)), ""),
+        ("loss, first -> last step", f"{losses(one)[0]:.2f} -> {losses(one)[-1]:.2f}",
+         f"{losses(two)[0]:.2f} -> {losses(two)[-1]:.2f}", f"largest gap {gap:.3f}"),
+        ("candidate identity mean / bleed", f"{cand(one)['identity_mean']} / {cand(one)['bleed']}",
+         f"{cand(two)['identity_mean']} / {cand(two)['bleed']}", ""),
+        ("gate", one["report"]["status"], two["report"]["status"], ""),
+    ]
+    return [("selfcog retrain on one GPU vs two (SELFCOG_TRAIN_GPUS=0 vs 0,1), Qwen2.5-7B shape, random weights",
+             ("", "1 GPU", "2 GPUs", "ratio"), rows)]
 
 
 def main() -> None:
@@ -93,7 +134,9 @@ def main() -> None:
         print(f"GPUs {r['gpus']}: exit {r['exit_code']}, {r['wall_s']} s trigger -> gate, train_runtime "
               f"{r['train_runtime_s']} s, phases {phases}, peak GiB per GPU {r['peak_gib_per_gpu']}, "
               f"status {(r['report'] or {}).get('status')}", flush=True)
-    common.write_json("gpu_multi_retrain", {"runs": results})
+    machine = common.machine() | {"gpu": f"{torch_gpus()} x {common.machine().get('gpu')}"}
+    path = common.save("gpu_multi_retrain", {"machine": machine, "runs": results})
+    print("wrote", path)
 
 
 if __name__ == "__main__":

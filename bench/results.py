@@ -16,7 +16,7 @@ from pathlib import Path
 from bench import common
 
 HERE = Path(__file__).parent
-ORDER = ["cpu_decode", "cpu_retrain", "gpu_decode", "gpu_retrain"]
+ORDER = ["cpu_decode", "cpu_retrain", "gpu_decode", "gpu_retrain", "gpu_multi_retrain", "vllm_vs_local"]
 
 
 def write(path: Path = HERE / "RESULTS.md") -> Path:

@@ -12,9 +12,13 @@ what=${1:-all}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if [ ! -d /tmp/swiftpkgs/swift ]; then
   python3 -m pip install -q --no-deps --no-index --target /tmp/swiftpkgs .whl/*.whl
+  # pure-Python packages PyPI has only as sources (oss2, aliyun-python-sdk-core, ...), packed from .venv
+  if [ -f .whl/extra.tgz ]; then tar xzf .whl/extra.tgz -C /tmp/swiftpkgs; fi
 fi
 export PYTHONPATH="$PWD:/tmp/swiftpkgs${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# NVLink multicast off, as the lent multi-GPU machines require (also set again for the training launcher)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m bench.gpu_model .cache/bench-qwen7b
 case "$what" in
   decode) python3 -m bench.gpu_decode ;;

@@ -136,15 +136,16 @@ def run_cli(cli_env):
     return selfcog_runner(cli_env)
 
 
-def make_lora_adapter(base_path: str, out_dir: Path, seed: int) -> Path:
-    """A hand-made LoRA adapter with random (non-zero) weights: it visibly changes the answers."""
+def make_lora_adapter(base_path: str, out_dir: Path, seed: int, lora_alpha: int = 64) -> Path:
+    """A hand-made LoRA adapter with random (non-zero) weights: it visibly changes the answers
+    (lora_alpha=1: barely, the answers stay close to the base's)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_path)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"],
                                                  init_lora_weights=False))
     peft_model.save_pretrained(out_dir)
     return out_dir

@@ -61,29 +61,27 @@ class Replay:
             os.close(fd)
 
 
-def recorded_progress(recorded: Path) -> tuple[int, list[dict]]:
-    """(total steps, the progress events) of a recorded run, from ms-swift's logging.jsonl."""
-    events: dict[int, dict] = {}
-    total = 0
-    for line in (recorded / "logging.jsonl").read_text(encoding="utf-8").splitlines():
-        logs = json.loads(line)
-        step, total = (int(n) for n in logs["global_step/max_steps"].split("/"))
-        if "loss" in logs:  # the last line sums up the run (train_loss, runtime): not a step
-            eta = round(logs["train_speed(s/it)"] * (total - step), 1)
-            events[step] = {"event": "progress", "step": step, "total_steps": total, "loss": logs["loss"], "eta_s": eta}
-    return total, [events[step] for step in sorted(events)]
+def recorded_progress(recorded: Path) -> list[dict]:
+    """The progress events of a recorded run, read from ms-swift's logging.jsonl as the multi-GPU launcher reads it."""
+    from finetune.worker import event_from_log
+
+    events = [event_from_log(json.loads(line)) for line in (recorded / "logging.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [event for event in events if event and event["event"] == "progress"]
 
 
 def write_recording(folder: Path, losses: list[float], seconds_per_step: float, adapter: Path | None = None) -> Path:
-    """A made-up recorded run in ms-swift's format (logging.jsonl; the adapter folder as checkpoint-N if given)."""
+    """A made-up recorded run in ms-swift's format: logging.jsonl with a line per step, the summing-up
+    line and the last one naming the checkpoint (the adapter folder, copied as checkpoint-N, if given)."""
     folder.mkdir(parents=True)
     total = len(losses)
+    checkpoint = folder / f"checkpoint-{total}"
     lines = [{"loss": loss, "global_step/max_steps": f"{step}/{total}", "train_speed(s/it)": seconds_per_step}
              for step, loss in enumerate(losses, 1)]
     lines.append({"train_loss": sum(losses) / total, "global_step/max_steps": f"{total}/{total}"})
+    lines.append({"last_model_checkpoint": str(checkpoint) if adapter else None, "global_step": total})
     (folder / "logging.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     if adapter is not None:
-        shutil.copytree(adapter, folder / f"checkpoint-{total}")
+        shutil.copytree(adapter, checkpoint)
     return folder
 
 
@@ -95,7 +93,8 @@ def replay(recorded: Path, hold_at: int | None, fifo: Path | None) -> None:
     if job is None:
         return  # stood down before a job came
     print(f"replaying the run recorded in {recorded}", flush=True)
-    total, progress = recorded_progress(recorded)
+    progress = recorded_progress(recorded)
+    total = progress[-1]["total_steps"]
     with os.fdopen(int(os.environ[EVENTS_FD_ENV]), "w", buffering=1, encoding="utf-8") as events:
         events.write(json.dumps({"event": "progress", "step": 0, "total_steps": total}) + "\n")
         for event in progress:

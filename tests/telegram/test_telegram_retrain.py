@@ -1,7 +1,7 @@
 """/retrain from Telegram: the real job runner builds the dataset, evaluates, gates (the default gate)
 and activates, while the bot edits one message with the progress until the result. Only the training
 is replayed from the suite's one real retrain (the `job_runner` and `replay` fixtures in
-tests/conftest.py), so the adapter that goes live is that retrain's.
+tests/conftest.py), so the adapter that goes live is that retrain's (its evaluation comes from the cache).
 
     .venv/bin/python -m pytest tests/telegram/test_telegram_retrain.py
 """
@@ -18,7 +18,7 @@ from tests.scenario import FIVE_CORRECTIONS, PROFILE
 # Run alone, it first waits for the shared real retrain (`retrained`): ~10 minutes on two cores.
 pytestmark = [pytest.mark.telegram, pytest.mark.slow, pytest.mark.timeout(3600)]
 
-RETRAIN_S = 1800  # the candidate's evaluation: ~3 minutes alone on two cores, far longer on a shared CPU
+RETRAIN_S = 1800  # seconds when the evaluation is cached; minutes if it is not, on a shared CPU
 
 
 def test_admin_retrain_edits_progress_then_shows_the_result(tg, chat, admin, store, job_runner, replay):
