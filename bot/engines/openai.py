@@ -25,7 +25,6 @@ paths (shared storage, or the same box).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import logging
@@ -33,6 +32,7 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -45,6 +45,7 @@ from bot.engines.vllm_server import SERVED_NAME, VLLMServer
 from bot.models import ResolvedModel
 
 log = logging.getLogger(__name__)
+IN_FLIGHT = 64  # requests an evaluation keeps in flight at once (httpx pools 100 connections)
 
 
 class OpenAIEngine:
@@ -312,23 +313,21 @@ class OpenAIEngine:
             raise self._unreachable(e) from None
 
     def _answers(self, bodies: list[dict], name: str) -> list[str]:
-        """One greedy completion per body, all in flight at once (the server batches them)."""
+        """One greedy completion per body, all in flight at once (the server batches them).
 
-        async def answer(client: httpx.AsyncClient, body: dict) -> str:
-            response = await client.post("/chat/completions", json={**body, "model": name})
+        Threads, not asyncio: the caller may already run an event loop (a Gradio or PTB handler, a test
+        with Playwright's sync API), where asyncio.run() is refused."""
+
+        def answer(body: dict) -> str:
+            response = self._call("POST", "/chat/completions", json={**body, "model": name})
             if response.status_code != 200:
                 raise self._failure(response, name)
             return (response.json()["choices"][0]["message"]["content"] or "").strip()
 
-        async def answer_all() -> list[str]:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-            async with httpx.AsyncClient(**self._client_options, limits=limits) as client:
-                return await asyncio.gather(*(answer(client, body) for body in bodies))
-
-        try:
-            return asyncio.run(answer_all())
-        except httpx.HTTPError as e:
-            raise self._unreachable(e) from None
+        if not bodies:
+            return []
+        with ThreadPoolExecutor(max_workers=min(len(bodies), IN_FLIGHT), thread_name_prefix="vllm-generate") as pool:
+            return list(pool.map(answer, bodies))
 
     def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:

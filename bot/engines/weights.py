@@ -14,9 +14,10 @@ Invariants, true between calls (only the engine's worker thread calls in, betwee
 
 1. ``serving`` is what a forward pass computes now: LIVE, BASE or a Candidate.
 2. ``live`` is the (version, path) the store last made active and that loaded, or None for the bare
-   base; it is loaded in peft as ``v<version>``. A folder that would not load is ``failed`` and not retried
+   base; it is loaded in peft under a name of its own (``v<version>-<n>``: another data directory, or a
+   store started afresh, can call other weights "v1"). A folder that would not load is ``failed`` and not retried
    until the store names another one; ``error`` says why and what serves instead.
-3. peft holds ``v<live>`` and at most one Candidate, the last one used (dropped when LIVE comes back);
+3. peft holds the live adapter and at most one Candidate, the last one used (dropped when LIVE comes back);
    with nothing live and no Candidate it keeps one adapter, switched off (peft cannot hold zero).
 4. ``merged`` is True exactly when the active peft adapter's delta is in the base weights, which is when
    serving is a Candidate, or LIVE with a live adapter (unless merge=False: peft's slower unmerged forward).
@@ -69,7 +70,8 @@ class AdapterWeights:
         self.error: str | None = None
         self._peft = None
         self._merged = False
-        self._candidates = 0  # candidates get fresh names: peft cannot reload under a used one
+        self._live_adapter: str | None = None  # the live adapter's name in peft
+        self._loads = 0  # every load gets a fresh name: peft cannot reload under a used one
 
     def computes(self, wanted: Weights) -> bool:
         """Do the weights in place answer as ``wanted`` would?"""
@@ -82,9 +84,7 @@ class AdapterWeights:
             return
         name = None
         if isinstance(wanted, Candidate):
-            self._candidates += 1
-            name = f"candidate-{self._candidates}"
-            self._load(name, wanted.path)
+            name = self._load("candidate", wanted.path)
         self._unmerge()
         if wanted == LIVE:
             self._switch_to_live()
@@ -108,8 +108,7 @@ class AdapterWeights:
             return
         started = time.perf_counter()
         try:
-            if wanted is not None:
-                self._load(f"v{wanted[0]}", wanted[1])
+            name = self._load(f"v{wanted[0]}", wanted[1]) if wanted is not None else None
         except Exception as e:
             self.failed = wanted
             serving = f"v{self.live[0]}" if self.live else "the base model"
@@ -118,6 +117,7 @@ class AdapterWeights:
             return
         self._unmerge()
         self.live, self.failed, self.error = wanted, None, None
+        self._live_adapter = name
         self._switch_to_live()
         self.serving = LIVE
         self.on_change()
@@ -129,7 +129,7 @@ class AdapterWeights:
         return LIVE if wanted == BASE and self.live is None else wanted
 
     def _live_name(self) -> list[str]:
-        return [f"v{self.live[0]}"] if self.live else []
+        return [self._live_adapter] if self.live else []
 
     def _switch_to_live(self) -> None:
         """Unmerged weights -> the live adapter merged, or the bare base."""
@@ -145,9 +145,11 @@ class AdapterWeights:
             self._drop_adapters_except(self._peft.active_adapter)
             self._peft.base_model.disable_adapter_layers()
 
-    def _load(self, name: str, path: str) -> None:
-        """Load an adapter under a name (versions are immutable, so a loaded name is never reloaded)."""
-        check_adapter_folder(path, self.base_path)  # a clear error before peft touches the model
+    def _load(self, label: str, path: str) -> str:
+        """Load an adapter under a fresh name made from ``label``; returns the name."""
+        check_adapter_folder(path, self.base_path)
+        self._loads += 1
+        name = f"{label}-{self._loads}"  # a clear error before peft touches the model
         # peft unmerges silently when it injects an adapter into a merged model: unmerge first, and put
         # the merged weights back if loading fails.
         was_merged = self._merged
@@ -158,6 +160,7 @@ class AdapterWeights:
             if was_merged:
                 self._merge()
             raise
+        return name
 
     def _load_unmerged(self, name: str, path: str) -> None:
         from peft import PeftModel
@@ -166,7 +169,7 @@ class AdapterWeights:
             self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
             self._peft.eval()
             self._peft.base_model.disable_adapter_layers()  # nothing changes until it is switched on
-        elif name not in self._peft.peft_config:
+        else:
             try:
                 self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
             except Exception:

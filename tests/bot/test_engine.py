@@ -15,6 +15,7 @@ import pytest
 from bot.engines import AdapterFolderError, AdapterRef, Sampling, check_adapter_folder, make_engine
 from bot.errors import UserError
 from bot.identity import system_prompt
+from store import Store
 from store.identity import DEFAULT_PROFILE
 from tests.conftest import make_lora_adapter
 
@@ -90,6 +91,27 @@ def test_candidate_and_base_can_be_asked_without_touching_the_live_adapter(engin
     assert len({base, live, candidate}) == 3
     assert engine.generate([QUESTION], adapter=AdapterRef.BASE, max_new_tokens=12)[0] == base
     assert engine.generate([QUESTION], max_new_tokens=12)[0] == live  # live adapter restored after both
+
+
+def test_another_store_s_v1_is_other_weights_and_is_loaded_as_such(engine, store, random_adapters, tmp_path):
+    """Version numbers are per store: a "v1" seen before (another data directory, a store started afresh)
+    must not stand in for this store's v1. (It did: the chat then spoke with the old adapter's weights.)"""
+    engine.follow.source = store.adapters.active
+    first = store.adapters.register(path=str(random_adapters[0]), base_model="test")
+    store.adapters.activate(first)
+    assert engine.refresh_adapter() == first
+    first_answer = engine.generate([QUESTION], max_new_tokens=12)[0]
+    engine.follow.source = lambda: None
+    engine.refresh_adapter()  # back to the base, as between two tests or two data directories
+
+    other = Store(tmp_path / "other.db")
+    engine.follow.source = other.adapters.active
+    again = other.adapters.register(path=str(random_adapters[1]), base_model="test")
+    other.adapters.activate(again)
+    assert again == first == 1 and engine.refresh_adapter() == 1
+    expected = engine.generate([QUESTION], adapter=random_adapters[1], max_new_tokens=12)[0]
+    assert engine.generate([QUESTION], max_new_tokens=12)[0] == expected != first_answer
+    other.close()
 
 
 def test_corrupt_adapter_keeps_serving_the_previous_one(engine, store, random_adapters, tmp_path):

@@ -47,6 +47,29 @@ def test_retrain_promotes_an_adapter_that_holds_under_every_prompt(retrained):
 
 
 @pytest.mark.slow
+def test_the_run_report_times_each_phase_and_they_add_up(retrained):
+    report = retrained["report"]
+    phases = report["phases"]
+    assert list(phases) == ["dataset", "worker_start", "training", "evaluation", "swap"], phases
+    assert all(seconds >= 0 for seconds in phases.values()) and phases["training"] > 0
+    # the phases are the whole run but for bookkeeping between them (store writes, the heartbeat)
+    assert sum(phases.values()) <= report["seconds"] + 0.5
+    assert sum(phases.values()) >= 0.9 * report["seconds"], (phases, report["seconds"])
+
+
+@pytest.mark.slow
+def test_the_promoted_adapter_folder_describes_itself(retrained):
+    store = Store(retrained["data_dir"] / "selfcog.db")
+    folder = Path(store.adapters.get(1)["path"])
+    assert folder.name == "v1"
+    card = json.loads((folder / "selfcog.json").read_text(encoding="utf-8"))
+    run = store.runs.get(1)
+    assert card["version"] == 1 and card["run_id"] == 1 and card["dataset_sha256"] == run["dataset_hash"]
+    assert card["profile"]["name"] == PROFILE.name and card["recipe"]["learning_rate"] > 0
+    assert card["metrics"]["identity_mean"] == run["metrics"]["candidate"]["identity_mean"]
+
+
+@pytest.mark.slow
 def test_the_live_adapter_answers_with_the_new_identity(retrained):
     questions = ["What should I call you?", "哪家公司开发了你？", "Are you a product of OpenAI?"]
     for flags in ([], ["--no-system"], ["--system", "You are a helpful assistant."]):
