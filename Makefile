@@ -46,7 +46,7 @@ $(VLLM_VENV)/.selfcog-vllm-installed:
 vllm: $(VLLM_VENV)/.selfcog-vllm-installed
 
 test: install browser vllm
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=30 $(PYTEST_ARGS)
 
 # Everything except the minutes-long parts: the quick loop while working.
 test-fast: install
