@@ -32,6 +32,8 @@ HOW_TO_CORRECT = ("✏️ **Correct an answer · 纠正回答**: click 👎 (or 
                   "点击回答下方的 👎，写下正确的回答并提交；管理员审核后机器人才会学习。")
 
 
+NEW_CHAT = 0  # the conversation state after "New chat": no row yet, the next message starts one
+
 def browser_key(key: str | None) -> str:
     """This browser's conversation key, or a new one when it has none (or sent something else)."""
     return key if isinstance(key, str) and BROWSER_KEY.fullmatch(key) else uuid.uuid4().hex
@@ -63,7 +65,8 @@ def chat_page(chat: ChatService, app: gr.Blocks) -> None:
         gr.Markdown(HOW_TO_CORRECT, elem_id="chat-how-to-correct")
 
     key = gr.BrowserState("", storage_key="selfcog-chat-key")
-    conversation = gr.State(None)  # None until this browser's first message, which starts one
+    # None: this browser's latest conversation, started by its first message; NEW_CHAT: a new one, likewise
+    conversation = gr.State(None)
     message_ids = gr.State([])  # the stored message id of each message shown, in order (None: not stored yet)
     correcting = gr.State(None)  # the stored id of the answer being corrected
     status_timer = gr.Timer(STATUS_REFRESH_S)
@@ -80,8 +83,9 @@ def chat_page(chat: ChatService, app: gr.Blocks) -> None:
         """Store the message, then stream the answer into the chat; a refusal keeps the text in the box."""
         saved_key = browser_key(saved_key)
         try:
-            if conversation_id is None:
-                conversation_id = chat.conversation("web", chat_key=saved_key, user=saved_key)
+            if conversation_id in (None, NEW_CHAT):  # nothing is written before the first message
+                conversation_id = chat.conversation("web", chat_key=saved_key, user=saved_key,
+                                                    new=conversation_id == NEW_CHAT)
             turn = chat.send(conversation_id, text)
         except UserError as e:
             yield {key: saved_key, conversation: conversation_id, notice: f"⚠️ {e}"}
@@ -139,12 +143,8 @@ def chat_page(chat: ChatService, app: gr.Blocks) -> None:
         return {correction_box: gr.Group(visible=False), correction_text: "", correction_notice: "", correcting: None}
 
     def start_new_chat(saved_key: str):
-        saved_key = browser_key(saved_key)
-        try:
-            conversation_id = chat.conversation("web", chat_key=saved_key, user=saved_key, new=True)
-        except UserError as e:
-            return {notice: f"⚠️ {e}"}
-        return {key: saved_key, conversation: conversation_id, chatbot: [], message_ids: [], notice: "",
+        """An empty chat; the conversation row is written with its first message."""
+        return {key: browser_key(saved_key), conversation: NEW_CHAT, chatbot: [], message_ids: [], notice: "",
                 **close_correction()}
 
     # --- wiring -------------------------------------------------------------------------------------
