@@ -186,22 +186,66 @@ def seed_identity(run_cli, tmp_path: Path, *, contradicting: bool = True) -> Non
 
 
 # --- one real retrain, shared by every test that needs a trained adapter ------------------------------
+#
+# It starts in the background as soon as the session's first test runs (`selfcog retrain` in its own
+# process), and the tests that need it run last: the suite's other tests leave half of the two cores
+# idle (browsers, servers and subprocesses waiting), which the training uses meanwhile.
+
+def pytest_collection_modifyitems(config, items):
+    """Order: the rest, then what needs the shared retrain, then the browser tests (Playwright's sync API
+    keeps an event loop in the main thread that asyncio.run() in a later test would trip over)."""
+    items.sort(key=lambda item: ("browser" in item.keywords, "retrained" in item.fixturenames
+                                 or "replay" in item.fixturenames or "job_runner" in item.fixturenames))
+
+
+class BackgroundRetrain:
+    """`selfcog retrain --json` on a seeded data dir, running beside the tests until someone waits for it."""
+
+    def __init__(self, root: Path, cache_dir: Path):
+        self.root, self.data_dir = root, root / "data"
+        self.run = selfcog_runner(selfcog_env(self.data_dir, cache_dir))
+        seed_identity(self.run, root)
+        self.stdout, self.stderr = root / "retrain.out", root / "retrain.err"
+        exe = Path(sys.executable).with_name("selfcog")
+        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
+            self.process = subprocess.Popen([str(exe), "retrain", "--json"], stdout=out, stderr=err,
+                                            env=selfcog_env(self.data_dir, cache_dir))
+
+    def wait(self, timeout: float = 3600) -> dict:
+        code = self.process.wait(timeout=timeout)
+        stderr = self.stderr.read_text()
+        if code != 0:
+            raise AssertionError(f"selfcog retrain failed ({code}):\n{stderr[-3000:]}")
+        report = json.loads(self.stdout.read_text())
+        return {"data_dir": self.data_dir, "run": self.run, "report": report, "stderr": stderr,
+                "train_dir": self.data_dir / "runs" / str(report["run_id"]) / "train"}
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_retrain(request, tmp_path_factory, cache_dir):
+    """Starts the shared retrain at the session's start when any selected test needs it; else nothing."""
+    if not any("retrained" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    request.getfixturevalue("embedded_model")  # converted once here, not by two processes at a time
+    retrain = BackgroundRetrain(tmp_path_factory.mktemp("retrained"), cache_dir)
+    yield retrain
+    retrain.stop()
+
 
 @pytest.fixture(scope="session")
-def retrained(tmp_path_factory, cache_dir) -> dict:
+def retrained(background_retrain) -> dict:
     """A data dir after one real `selfcog retrain` (ms-swift on the embedded model, default recipe and
-    gate). The suite's only real training: ~10 minutes alone on two cores.
+    gate). The suite's only real training: ~8 minutes alone on two cores, started at the session's start.
 
     ``train_dir`` is that run's training folder (ms-swift's log and adapter), which the replay worker
     replays for the retrains the other tests start."""
-    root = tmp_path_factory.mktemp("retrained")
-    data_dir = root / "data"
-    run = selfcog_runner(selfcog_env(data_dir, cache_dir))
-    seed_identity(run, root)
-    result = run("retrain", "--json", check=True, timeout=3600)
-    report = json.loads(result.stdout)
-    return {"data_dir": data_dir, "run": run, "report": report, "stderr": result.stderr,
-            "train_dir": data_dir / "runs" / str(report["run_id"]) / "train"}
+    return background_retrain.wait()
 
 
 @pytest.fixture
