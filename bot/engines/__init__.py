@@ -17,6 +17,7 @@ alone, before anything tries to load it.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,10 @@ from typing import Callable, ContextManager, Iterable, Iterator, Protocol
 from bot.engines.adapter_folder import AdapterFolderError, check_adapter_folder
 from bot.errors import UserError
 
+log = logging.getLogger(__name__)
+
 __all__ = ["AdapterFolderError", "AdapterRef", "Engine", "EngineError", "Messages", "Reply", "Sampling",
-           "check_adapter_folder", "make_engine"]
+           "check_adapter_folder", "make_engine", "store_live_adapter"]
 
 Messages = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
 
@@ -138,6 +141,17 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Stop; requests still waiting fail with EngineError."""
+
+
+def store_live_adapter(active_adapter: Callable[[], dict | None]) -> tuple[bool, tuple[int, str] | None]:
+    """What every backend follows: (True, (version, resolved path) or None for the bare base) from the
+    store, or (False, None) when it cannot be read now (a locked or missing database must not stop chat)."""
+    try:
+        row = active_adapter()
+    except Exception as e:
+        log.warning("could not read the active adapter: %s", e)
+        return False, None
+    return True, (row["version"], str(Path(row["path"]).resolve())) if row else None
 
 
 def make_engine(settings, model, *, active_adapter: Callable[[], dict | None] | None = None) -> Engine:

@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from bot.engines import AdapterRef, EngineError, Messages, Reply, Sampling  # noqa: E402
+from bot.engines import AdapterRef, EngineError, Messages, Reply, Sampling, store_live_adapter  # noqa: E402
 from bot.engines.decoder import HFDecoder, make_decoder  # noqa: E402
 from bot.engines.sampler import generator_for, pick_tokens  # noqa: E402
 from bot.engines.weights import LIVE, AdapterWeights, Weights, weights_for  # noqa: E402
@@ -269,12 +269,9 @@ class LocalEngine:
         self._last_poll = time.monotonic()
         if self._active_adapter is None:
             return
-        try:
-            row = self._active_adapter()
-        except Exception as e:  # a locked or missing database must not stop chat
-            log.warning("could not read the active adapter: %s", e)
-            return
-        self._weights.follow((row["version"], row["path"]) if row else None)
+        read, wanted = store_live_adapter(self._active_adapter)
+        if read:
+            self._weights.follow(wanted)
 
     def _admit(self) -> None:
         """Prefill the waiting requests the weights in place answer into free slots: oldest first, several a forward."""

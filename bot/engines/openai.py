@@ -39,7 +39,8 @@ from typing import Callable, Iterator
 
 import httpx
 
-from bot.engines import AdapterFolderError, AdapterRef, EngineError, Messages, Reply, Sampling, check_adapter_folder
+from bot.engines import (AdapterFolderError, AdapterRef, EngineError, Messages, Reply, Sampling, check_adapter_folder,
+                         store_live_adapter)
 from bot.engines.local import LocalEngine
 from bot.engines.vllm_server import SERVED_NAME, VLLMServer
 from bot.models import ResolvedModel
@@ -192,12 +193,9 @@ class OpenAIEngine:
             self._last_sync = time.monotonic()
             if self._active_adapter is None:
                 return
-            try:
-                row = self._active_adapter()
-            except Exception as e:  # a locked or missing database must not stop chat
-                log.warning("could not read the active adapter: %s", e)
+            read, wanted = store_live_adapter(self._active_adapter)
+            if not read:
                 return
-            wanted = (row["version"], str(Path(row["path"]).resolve())) if row else None
             if wanted == self._live:
                 self._failed, self._error = None, None  # e.g. rolled back to what serves
                 return
