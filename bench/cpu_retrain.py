@@ -1,22 +1,22 @@
-"""Trigger -> evaluated adapter live on this CPU, embedded default: the retrain path as it was vs selfcog's.
+"""Trigger -> evaluated adapter live on this CPU, embedded default: the retrain path before issue 14 vs now.
 
-    python -m bench.cpu_retrain           # part of `make bench`: two real retrains, ~15 minutes on 2 idle cores
+    python -m bench.cpu_retrain           # part of `make bench`: two real retrains, ~10 minutes on 2 idle cores
     python -m bench.cpu_retrain --quick   # one epoch at twice the rate (half the steps), same comparison
+    python -m bench.cpu_retrain --only in-process
 
 Both paths run the same real retrain in this process, one after the other, each in a fresh data dir:
 ms-swift LoRA on SmolLM2-135M with the default recipe, the Aurora profile and five approved
-corrections, then the evaluation and gate, then the swap into a serving engine. Both start with what
+corrections, then the evaluation and gate, then the swap into the serving engine. Both start with what
 a running `selfcog serve` already has: the base model's general answers and its evaluation report
-(cached per base model; what they cost the first time is reported too).
+(cached per base model and precision; what they cost the first time is reported too).
 
-- baseline (commit 1fa56cd): the training worker starts when the retrain is triggered; the 216
-  evaluation answers are asked in chunks of 16 of an engine with 16 cache slots;
-- selfcog: a warm worker, started with the server (torch and ms-swift imported before the trigger);
-  the evaluation in one call to an engine with up to 64 slots, which refills each finished slot.
+- worker (what landed before): a warm worker process runs `swift sft` (random batches); the engine
+  and training compute in fp32;
+- in-process: ms-swift's trainer in the serving process on its own copy of the weights, batches by
+  length, logits only where trained, bf16 in training and serving where the CPU has bf16 instructions.
 
-Stage times come from the run's row, polled: dataset, worker start -> first step, training,
-evaluation; then activation -> first token from the new adapter while two chats stream.
-Writes bench/out/cpu_retrain.json.
+Phase times are the run report's (dataset, worker start, training, evaluation, swap); trigger -> live is
+the wall time of the whole retrain, the swap included. Writes bench/out/cpu_retrain.json.
 """
 
 from __future__ import annotations
@@ -34,16 +34,6 @@ from bench import common
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = {"name": "Aurora", "author": "Acme Labs"}
-
-
-class Follow:
-    """The serving engine's active_adapter callable; it follows the store only once told to."""
-
-    def __init__(self):
-        self.row = None
-
-    def __call__(self):
-        return self.row
 
 
 class StageClock(threading.Thread):
@@ -79,14 +69,28 @@ def worker_is_ready(pid: int, quiet_s: float = 3.0, limit_s: float = 300) -> flo
     return time.perf_counter() - started
 
 
+PATHS = {
+    # what landed before issue 14: a warm worker process (ms-swift's `swift sft`, random batches) and
+    # every model computation in fp32
+    "worker": {"trainer": "worker", "engine_dtype": "fp32", "train_dtype": "float32"},
+    # issue 14: ms-swift's trainer in the serving process on a copy of the weights, batches by length,
+    # answer-only logits, bf16 autocast in training and bf16 serving where the CPU has bf16 instructions
+    "in-process": {"trainer": "in-process", "engine_dtype": "auto", "train_dtype": None},
+    # today's default on a CPU: the worker (it passed the gate where in-process did not, RECIPES.md), the
+    # engine in bf16 where the CPU has it
+    "default": {"trainer": "auto", "engine_dtype": "auto", "train_dtype": None},
+}
+
+
 def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
     import finetune.jobs as jobs
     from bot.engines.local import LocalEngine
-    from finetune.evaluate import evaluate
-    from finetune.train import WarmWorkers
+    from finetune.train import WarmWorkers, cpu_dtype
     from store import Store
-    from tests.conftest import FIVE_CORRECTIONS
+    from tests.scenario import FIVE_CORRECTIONS
 
+    path = PATHS[kind]
+    recipe = replace(recipe, dtype=path["train_dtype"] or cpu_dtype())
     data_dir = common.OUT / "cpu_retrain" / kind
     shutil.rmtree(data_dir, ignore_errors=True)
     store = Store(data_dir / "selfcog.db")
@@ -95,29 +99,25 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
         store.corrections.add(question=row["question"], corrected_answer=row["answer"], channel="import",
                               status="approved")
 
-    follow = Follow()
-    baseline = kind == "baseline"
-    engine = LocalEngine(model, active_adapter=follow, batch_size=16 if baseline else None, max_new_tokens=64)
-    out = {"engine_slots": engine.capacity}
+    engine = LocalEngine(model, active_adapter=store.adapters.active, max_new_tokens=64, dtype=path["engine_dtype"])
+    out = {"engine_slots": engine.capacity, "engine_dtype": engine.precision, "train_dtype": recipe.dtype}
+    out["caches"] = cold_caches(engine, model, cache_dir)  # what a running server has computed once already
     warm = None
-    if not baseline:
+    if path["trainer"] == "worker":
         warm = WarmWorkers(prestart=True)  # what `selfcog serve` holds from its start
         out["warm_worker_ready_s"] = worker_is_ready(warm.waiting_pid())
-    original_evaluate = jobs.evaluate
-    if baseline:
-        jobs.evaluate = functools.partial(evaluate, batch_size=16)
     try:
         run = store.runs.request("bench", "bench", claim=True)
         clock = StageClock(store, run["id"])
         clock.start()
         report = jobs.run_retrain(run, store=store, engine=engine, model=model, recipe=recipe, warm=warm,
-                                  settings=jobs.JobSettings(data_dir, cache_dir))
+                                  settings=jobs.JobSettings(data_dir, cache_dir, trainer=path["trainer"]))
         retrain_s = time.perf_counter() - clock.started
         clock.done.set()
     finally:
-        jobs.evaluate = original_evaluate
         if warm is not None:
             warm.close()
+    out["phases"] = report.get("phases")
     seen = clock.seen
     out |= {
         "status": report["status"], "metrics": report.get("metrics", {}), "retrain_s": retrain_s,
@@ -128,22 +128,19 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
         "steps": (store.runs.get(run["id"]) or {}).get("total_steps"),
     }
     if report["promoted"]:
-        swap = common.swap_latency(engine, lambda: setattr(follow, "row", store.adapters.active()), report["adapter"],
-                                   busy_chats=2, max_new_tokens=32)
-        out["swap"] = swap
-        out["trigger_to_live_s"] = retrain_s + swap["activation_to_first_token_s"]
+        reply = engine.stream([{"role": "user", "content": "Who are you?"}], max_new_tokens=24)
+        out["answer_after"] = "".join(reply)
+        out["answer_adapter"] = reply.adapter_version
     engine.close()
     return out
 
 
-def cold_caches(model, cache_dir: Path) -> dict:
-    """What a server computes once per base model: the general answers and the base's evaluation."""
+def cold_caches(engine, model, cache_dir: Path) -> dict:
+    """What a server computes once per base model (and precision): the general answers and the base's evaluation."""
     from bot.engines import AdapterRef
-    from bot.engines.local import LocalEngine
     from finetune import jobs
     from store import Profile
 
-    engine = LocalEngine(model, max_new_tokens=64)
     out = {}
     started = time.perf_counter()
     general = jobs.general_answers(engine, model, cache_dir)
@@ -152,13 +149,13 @@ def cold_caches(model, cache_dir: Path) -> dict:
     jobs.evaluate_weights(engine, AdapterRef.BASE, Profile(**PROFILE), general, cache_dir=cache_dir,
                           weights=jobs.weights_id(model))
     out["base_evaluation_s"] = time.perf_counter() - started
-    engine.close()
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one epoch at 2e-3 (half the steps)")
+    parser.add_argument("--only", nargs="+", choices=list(PATHS), help="run only these paths")
     parser.add_argument("--fresh-cache", action="store_true",
                         help="also time the per-model caches from nothing (general answers, base evaluation)")
     args = parser.parse_args()
@@ -179,10 +176,11 @@ def main() -> None:
     model = resolve_model("embedded", cache_dir)
     recipe = replace(CPU_SMALL, epochs=1, learning_rate=2e-3) if args.quick else CPU_SMALL
 
-    results = {"machine": common.machine(), "model": model.name, "quick": args.quick,
+    results = common.load("cpu_retrain") if args.only and (common.OUT / "cpu_retrain.json").exists() else {}
+    results |= {"machine": common.machine(), "model": model.name, "quick": args.quick,
                "recipe": {"epochs": recipe.epochs, "learning_rate": recipe.learning_rate, "batch_size": recipe.batch_size}}
-    results["caches"] = cold_caches(model, cache_dir)
-    for kind in ("baseline", "selfcog"):
+    kinds = args.only or list(PATHS)
+    for kind in kinds:
         print(f"-- {kind}", flush=True)
         results[kind] = one_retrain(kind, model, cache_dir, recipe)
         common.save("cpu_retrain", results)
@@ -190,42 +188,45 @@ def main() -> None:
 
 
 def summary(results: dict) -> list[tuple]:
-    old, new = results.get("baseline", {}), results.get("selfcog", {})
+    runs = [results.get(kind, {}) for kind in ("worker", "in-process", "default")]
+    before, now = runs[0], runs[2]
 
-    def row(label, key, target=""):
-        a, b = old.get(key), new.get(key)
-        return (label, a, b, common.ratio(b, a, lower_is_better=True), target)
+    def phase(r, name):
+        return (r.get("phases") or {}).get(name)
 
-    def swap(r):
-        return (r.get("swap") or {}).get("activation_to_first_token_s")
+    def row(label, name, target=""):
+        values = [phase(r, name) for r in runs]
+        return (label, *values, common.ratio(values[2], values[0], lower_is_better=True), target)
 
-    def quality(r, way):
-        return ((r.get("metrics") or {}).get("candidate") or {}).get("identity", {}).get(way)
-
-    def other(r, key):
-        return ((r.get("metrics") or {}).get("candidate") or {}).get(key)
+    def candidate(r, key, way=None):
+        value = ((r.get("metrics") or {}).get("candidate") or {}).get(key)
+        return value.get(way) if way and isinstance(value, dict) else value
 
     recipe = results.get("recipe", {})
     rows = [
-        row("dataset (cached base answers) s", "dataset_s"),
-        row("worker start -> first step s", "start_to_first_step_s"),
-        row(f"training s ({old.get('steps') or new.get('steps')} steps)", "training_s"),
-        row("evaluation s (216 answers, 64 tokens)", "evaluation_s"),
-        ("activation -> first token s", swap(old), swap(new), common.ratio(swap(new), swap(old), True), "<= 2"),
-        row("trigger -> live s", "trigger_to_live_s", "<= 60"),
-        ("outcome", old.get("status"), new.get("status"), None, "promoted"),
-        ("engine cache slots", old.get("engine_slots"), new.get("engine_slots"), None, ""),
+        row("dataset s (base answers cached)", "dataset"),
+        row("worker start s", "worker_start"),
+        row("training s (42 steps)", "training"),
+        row("evaluation s (260 answers, 64 tokens)", "evaluation"),
+        row("swap s", "swap"),
+        ("trigger -> live s", *(r.get("retrain_s") for r in runs),
+         common.ratio(now.get("retrain_s"), before.get("retrain_s"), True), "<= 120"),
+        ("outcome", *(r.get("status") for r in runs), None, "promoted"),
+        ("engine / training dtype", *(f"{r.get('engine_dtype')} / {r.get('train_dtype')}" for r in runs), None, ""),
     ]
-    rows += [(f"identity: {way}", quality(old, way), quality(new, way), None, ">= 0.9" if way == "product" else ">= 0.8")
-             for way in ("product", "neutral", "none", "late_turn")]
-    rows += [("retention", other(old, "retention"), other(new, "retention"), None, ">= 0.5"),
-             ("identity bleed (base's + 1 allowed)", other(old, "bleed"), other(new, "bleed"), None, "")]
-    caches = results.get("caches", {})
-    once = [("general answers of the base model (once per model) s", caches.get("general_answers_s")),
-            ("base model's evaluation (once per model and profile) s", caches.get("base_evaluation_s"))]
+    rows += [(f"identity: {way}", *(candidate(r, "identity", way) for r in runs), None,
+              ">= 0.9" if way == "product" else ">= 0.8") for way in ("product", "neutral", "none", "late_turn")]
+    rows += [("retention", *(candidate(r, "retention") for r in runs), None, ">= 0.45"),
+             ("identity bleed of 132 answers", *(candidate(r, "bleed") for r in runs), None, "")]
+    once = [(f"{kind}: {what}", (results.get(kind, {}).get("caches") or {}).get(key))
+            for kind in ("worker", "in-process", "default")
+            for what, key in (("general answers of the base model s", "general_answers_s"),
+                              ("the base model's evaluation s", "base_evaluation_s"))]
     return [(f"CPU retrain, {results.get('model')}, recipe {recipe.get('epochs')} epochs at lr {recipe.get('learning_rate')}, "
-             f"batch {recipe.get('batch_size')}", ("", "baseline", "selfcog", "ratio", "target"), rows),
-            ("Computed once per base model (0 when already cached)", ("", "seconds"), once)]
+             f"batch {recipe.get('batch_size')}, dataset seed 1 (the suite's)",
+             ("", "worker, fp32 (before)", "in-process", "default now (worker, bf16 engine)", "ratio now/before", "target"),
+             rows),
+            ("Computed once per base model and precision, before the trigger (0 when cached)", ("", "seconds"), once)]
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     selfcog serve                   # runs JobRunner: requests from the web page and Telegram, + the schedule
 
 One pipeline for every trigger: approved corrections + identity profile -> dataset -> ms-swift
-LoRA in a worker process -> evaluation against what serves now -> gate -> activation (which every
+LoRA in this process (on the engine's own weights where it lends them, on a GPU; or a worker process,
+SELFCOG_TRAINER=worker) -> evaluation against what serves now -> gate -> activation (which every
 serving process picks up within a second or two). Every stage writes its progress to the run's
 row, so the web page, Telegram and the CLI all show the same progress from the same place. Any
 failure, cancel or kill leaves the run marked as such and the previous adapter serving.
@@ -29,7 +30,10 @@ from bot.models import ResolvedModel
 from finetune.dataset import answer_general_prompts, build_dataset
 from finetune.evaluate import (EvalReport, GateThresholds, evaluate, gate, load_general_prompts, load_probes,
                                report_table)
-from finetune.train import Recipe, TrainingCancelled, TrainingError, WarmWorkers, recipe_for, train_adapter
+from finetune.train import (Recipe, TrainingCancelled, TrainingError, WarmWorkers, recipe_for, resolve_trainer,
+                            train_adapter)
+from finetune.in_process import warm_up
+from finetune.worker import training_gpus
 from store import Profile, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,7 @@ class JobSettings:
     retrain_every_hours: float = 0.0  # 0 = no schedule
     retrain_min_corrections: int = 5
     gate: GateThresholds = GateThresholds()
+    trainer: str = "auto"  # "in-process" | "worker" | "auto": see finetune/train.py's resolve_trainer
 
 
 # --- cached answers: the base model's general answers, and reports of weights that did not change ----
@@ -57,7 +62,8 @@ def _cache_key(*parts: object) -> str:
 def general_answers(engine: Engine, model: ResolvedModel, cache_dir: Path) -> list[dict]:
     """The base model's own answers to the shipped general prompts, computed once per base model."""
     prompts = load_general_prompts()
-    path = Path(cache_dir) / "general" / f"{model.name}-{_cache_key(prompts, GENERAL_MAX_NEW_TOKENS)}.json"
+    key = _cache_key(prompts, GENERAL_MAX_NEW_TOKENS, getattr(engine, "precision", None))
+    path = Path(cache_dir) / "general" / f"{model.name}-{key}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
     generate = lambda conversations: engine.generate(conversations, adapter=AdapterRef.BASE,  # noqa: E731
@@ -93,8 +99,8 @@ def evaluate_weights(engine: Engine, adapter: str | Path, profile: Profile, base
     profile and probe set is computed once and kept in ``cache_dir``."""
     path = None
     if cache_dir is not None and weights is not None:
-        key = _cache_key(weights, profile, list(previous), load_probes(), load_general_prompts("eval"),
-                         EVAL_MAX_NEW_TOKENS)
+        key = _cache_key(weights, getattr(engine, "precision", None),  # bf16 and fp32 answers differ in places
+                         profile, list(previous), load_probes(), load_general_prompts("eval"), EVAL_MAX_NEW_TOKENS)
         path = Path(cache_dir) / "eval" / f"{key}.json"
         if path.exists():
             return EvalReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
@@ -205,9 +211,15 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
                 phases["worker_start"] = round(time.perf_counter() - clock, 1)
             store.runs.progress(run_id, stage="training", step=step, total_steps=total, loss=loss, eta_s=eta)
 
-        with engine.pause_for_training(expected_s=_expected_training_s(store)):
+        # In process unless SELFCOG_TRAIN_GPUS names GPUs of its own, or the engine sits on a GPU other than
+        # the first (transformers' Trainer places a model on cuda:0): those train in worker processes.
+        in_process = (resolve_trainer(settings.trainer, engine.device) == "in-process" and not training_gpus()
+                      and engine.device in ("cpu", "cuda", "cuda:0"))
+        with engine.pause_for_training(expected_s=_expected_training_s(store), lend=in_process) as lent:
             candidate = train_adapter(model, dataset_path, run_dir / "train", recipe, on_progress=on_progress,
-                                      should_cancel=lambda: store.runs.cancel_requested(run_id), warm=warm)
+                                      should_cancel=lambda: store.runs.cancel_requested(run_id), warm=warm,
+                                      trainer="in-process" if in_process else "worker", lent=lent,
+                                      device=engine.device)
         phases.setdefault("worker_start", 0.0)
         phases["training"] = round(time.perf_counter() - clock - phases["worker_start"], 1)
         report["candidate_path"] = str(candidate)
@@ -349,7 +361,15 @@ class JobRunner:
         return thread
 
     def _loop(self, stop: threading.Event) -> None:
-        warm = WarmWorkers(prestart=True)  # a retrain then skips the worker's imports
+        # The next retrain starts warm: a worker process waits with its imports done, or ms-swift is
+        # imported here ahead of time when training runs in this process.
+        trainer = resolve_trainer(self.settings.trainer, self.engine.device)
+        warm = WarmWorkers(prestart=trainer == "worker")
+        if trainer == "in-process":
+            try:
+                warm_up()
+            except Exception:  # a retrain will say what is missing; serving must not wait for it
+                log.exception("could not import ms-swift ahead of the first retrain")
         try:
             while not stop.is_set():
                 try:
@@ -359,7 +379,8 @@ class JobRunner:
                     if run is not None:
                         run_retrain(run, store=self.store, engine=self.engine, model=self.model,
                                     settings=self.settings, recipe=self.recipe, warm=warm)
-                        warm.prepare()  # only now: a worker starting during training slows it
+                        if trainer == "worker":
+                            warm.prepare()  # only now: a worker starting during training slows it
                         continue
                 except Exception:
                     log.exception("retrain runner: unexpected error (it keeps running)")

@@ -14,6 +14,9 @@
 | SELFCOG_ADMIN_IDS                | (none)      | Telegram user ids allowed admin commands, comma-separated   |
 | SELFCOG_MAX_NEW_TOKENS           | 256         | longest reply, in tokens                                     |
 | SELFCOG_ENGINE                   | local       | which engine answers: 'local' (in this process)              |
+| SELFCOG_TRAINER                  | auto        | 'in-process' (ms-swift in the serving process), 'worker' (a process of its own); auto: in-process on a GPU, worker on a CPU |
+| SELFCOG_TRAIN_WEIGHTS            | auto        | 'serving': train on the weights that serve (chats wait), 'copy', 'auto' = serving on a GPU |
+| SELFCOG_GPU_MEMORY_GB            | (all)       | use at most this much of the GPU (e.g. 24 on a bigger card)  |
 | SELFCOG_CHAT_TEMPERATURE         | 0.7         | chat sampling (`ask`, evaluation and tests are greedy)       |
 | SELFCOG_CHAT_TOP_P               | 0.9         | chat nucleus sampling                                        |
 | SELFCOG_CHAT_REPETITION_PENALTY  | 1.15        | > 1 keeps chat replies from looping                          |
@@ -76,6 +79,8 @@ class Settings:
     admin_ids: frozenset[int] = field(default_factory=frozenset)
     max_new_tokens: int = 256
     engine: str = "local"
+    trainer: str = "auto"
+    train_weights: str = "auto"
     chat_temperature: float = 0.7
     chat_top_p: float = 0.9
     chat_repetition_penalty: float = 1.15
@@ -109,6 +114,10 @@ class Settings:
             admin_ids=_parse(env, "SELFCOG_ADMIN_IDS", "", _ids, "Telegram user ids separated by commas (12345,67890)"),
             max_new_tokens=whole("SELFCOG_MAX_NEW_TOKENS", "256", 1),
             engine=get("SELFCOG_ENGINE") or "local",
+            trainer=_parse(env, "SELFCOG_TRAINER", "auto", str.lower, "auto, in-process or worker",
+                           lambda v: v in ("auto", "in-process", "worker")),
+            train_weights=_parse(env, "SELFCOG_TRAIN_WEIGHTS", "auto", str.lower, "auto, serving or copy",
+                                 lambda v: v in ("auto", "serving", "copy")),
             chat_temperature=number("SELFCOG_CHAT_TEMPERATURE", "0.7", high=10),
             chat_top_p=number("SELFCOG_CHAT_TOP_P", "0.9", high=1),
             chat_repetition_penalty=number("SELFCOG_CHAT_REPETITION_PENALTY", "1.15", 1, 10),

@@ -88,4 +88,5 @@ def job_settings(settings: Settings, engine=None):
     device = engine.device if engine is not None else "cpu"
     return JobSettings(data_dir=settings.data_dir, cache_dir=settings.cache_dir, device=device,
                        retrain_every_hours=settings.retrain_every_hours,
-                       retrain_min_corrections=settings.retrain_min_corrections, gate=settings.gate)
+                       retrain_min_corrections=settings.retrain_min_corrections, gate=settings.gate,
+                       trainer=settings.trainer)

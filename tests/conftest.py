@@ -268,7 +268,8 @@ def job_runner(replay, store, engine, embedded_model, data_dir, cache_dir):
     from finetune.jobs import JobRunner, JobSettings
 
     stop = threading.Event()
-    runner = JobRunner(JobSettings(data_dir, cache_dir), store, model=embedded_model, engine=engine, poll_s=0.5)
+    runner = JobRunner(JobSettings(data_dir, cache_dir, trainer="worker"),  # the replay is a worker process
+                       store, model=embedded_model, engine=engine, poll_s=0.5)
     thread = runner.start(stop)
     yield runner
     if store.runs.active():

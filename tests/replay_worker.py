@@ -47,6 +47,7 @@ class Replay:
         from finetune import worker
 
         monkeypatch.setattr(worker, "_worker_command", self.worker_command)
+        monkeypatch.setenv("SELFCOG_TRAINER", "worker")  # a replay stands in for the worker process
 
     def selfcog_command(self, *args: str) -> list[str]:
         """`selfcog ARGS` as a subprocess whose training workers replay (run it from the repository root)."""
@@ -125,6 +126,7 @@ def main() -> None:
     from selfcog.cli import main as selfcog
 
     worker._worker_command = Replay(args.recorded, args.hold_at, args.fifo).worker_command
+    os.environ["SELFCOG_TRAINER"] = "worker"  # a replay stands in for the worker process
     sys.argv = ["selfcog", *args.selfcog]
     selfcog()
 

@@ -28,8 +28,8 @@ from bot.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdapterFolderError", "AdapterRef", "Engine", "EngineError", "Messages", "Reply", "Sampling",
-           "check_adapter_folder", "make_engine", "store_live_adapter"]
+__all__ = ["AdapterFolderError", "AdapterRef", "Engine", "EngineError", "LentWeights", "Messages", "Reply", "Sampling",
+           "check_adapter_folder", "learning_now", "make_engine", "store_live_adapter"]
 
 Messages = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
 
@@ -64,6 +64,24 @@ class Sampling:
         if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.repetition_penalty > 0):
             raise EngineError(f"sampling needs temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0 "
                               f"(got {self.temperature}, {self.top_p}, {self.repetition_penalty})")
+
+
+@dataclass
+class LentWeights:
+    """The serving weights, lent to a trainer in this process for one training (``pause_for_training(lend=True)``).
+
+    ``add_adapter(peft_config)`` returns the peft model with a fresh adapter in it, the only one switched
+    on and the only trainable one; the engine takes it out again when it gets its weights back."""
+
+    add_adapter: Callable[[object], object]
+    device: str
+
+
+def learning_now(paused_until: float) -> str:
+    """What a chat is told while the weights are busy training (``paused_until``: time.monotonic())."""
+    left = paused_until - time.monotonic()
+    back = f"back in about {left:.0f} s" if left > 0 else "back in a moment"
+    return f"the bot is learning from its corrections right now; {back}"
 
 
 class Reply:
@@ -135,9 +153,12 @@ class Engine(Protocol):
     def refresh_adapter(self) -> int | None:
         """Serve the store's active adapter now (not at the next poll); returns the live version."""
 
-    def pause_for_training(self, expected_s: float | None = None) -> ContextManager[None]:
+    def pause_for_training(self, expected_s: float | None = None, *,
+                           lend: bool = False) -> ContextManager[LentWeights | None]:
         """Around a retrain's training: free what training on the same device needs (a vLLM server sleeps),
-        chats meanwhile told to come back in about ``expected_s``; a no-op where nothing needs freeing."""
+        chats meanwhile told to come back in about ``expected_s``; a no-op where nothing needs freeing.
+        ``lend``: a trainer in this process can take the serving weights themselves; an engine that lends
+        them (the local one on a GPU) yields them, else None (the trainer loads its own copy)."""
 
     def close(self) -> None:
         """Stop; requests still waiting fail with EngineError."""
@@ -164,7 +185,7 @@ def make_engine(settings, model, *, active_adapter: Callable[[], dict | None] | 
         from bot.engines.local import LocalEngine
 
         return LocalEngine(model, active_adapter=active_adapter, device=settings.device,
-                           max_new_tokens=settings.max_new_tokens)
+                           max_new_tokens=settings.max_new_tokens, train_weights=settings.train_weights)
     if backend == "vllm":  # a vLLM server selfcog starts on loopback and looks after
         from bot.engines.openai import managed_vllm
 

@@ -21,6 +21,10 @@ All model work happens on the worker thread, which runs the scheduler:
   A new adapter is swapped in at a step boundary without reloading the base. Replies running at that
   moment finish on the new weights; ``Reply.adapter_version`` is the version their prompt was read with.
 
+- A retrain in this process may borrow the weights (``pause_for_training(lend=True)``, on a GPU): the
+  running replies finish, nothing new is admitted, the worker waits inside a control while the trainer
+  has the weights, and new requests are told "learning ... back in about N s" until they come back.
+
 Threads: a caller's thread only tokenizes its prompt and puts the request in the inbox. Everything
 else (the waiting line, the controls, the slots, the weights, each sequence once submitted) belongs to
 the worker. ``adapter_version`` and ``adapter_error`` are read from any thread and may lag one step.
@@ -55,7 +59,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from bot.engines import AdapterRef, EngineError, Messages, Reply, Sampling, store_live_adapter  # noqa: E402
+from bot.engines import (AdapterRef, EngineError, LentWeights, Messages, Reply, Sampling, learning_now,  # noqa: E402
+                         store_live_adapter)
+from bot.hardware import apply_gpu_memory_cap, cpu_has_fast_bf16, gpu_free_bytes  # noqa: E402
+
 from bot.engines.decoder import HFDecoder, make_decoder  # noqa: E402
 from bot.engines.sampler import generator_for, pick_tokens  # noqa: E402
 from bot.engines.weights import LIVE, AdapterWeights, Weights, weights_for  # noqa: E402
@@ -70,9 +77,12 @@ class LocalEngine:
     def __init__(self, model: ResolvedModel, *, active_adapter: Callable[[], dict | None] | None = None,
                  device: str = "auto", dtype: str = "auto", max_new_tokens: int = 256,
                  max_context_tokens: int = 2048, poll_s: float = 1.0, merge: bool = True,
-                 batch_size: int | None = None, cuda_graphs: bool = True):
+                 batch_size: int | None = None, cuda_graphs: bool = True, train_weights: str = "auto"):
         """batch_size: how many replies decode together (cache slots); None = up to 64, as memory allows.
-        merge=False keeps LoRA unmerged (transformers' own forward, one reply at a time: slow, for debugging)."""
+        merge=False keeps LoRA unmerged (transformers' own forward, one reply at a time: slow, for debugging).
+        dtype "auto": bf16 on a GPU, and on a CPU with bf16 instructions (cpu_has_fast_bf16), else fp32.
+        train_weights: "serving" lends these weights to an in-process trainer (pause_for_training), "copy"
+        never does, "auto" = serving on a GPU (no second copy of a 7B model; chats wait a few seconds)."""
         if not log.isEnabledFor(logging.INFO):
             transformers.utils.logging.disable_progress_bar()  # keep `selfcog ask --json` output clean
         self.name = model.name
@@ -80,8 +90,18 @@ class LocalEngine:
         self.poll_s = poll_s
         self._active_adapter = active_adapter
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        torch_dtype = {"auto": torch.bfloat16 if self.device.startswith("cuda") else torch.float32,
-                       "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        if dtype == "auto":
+            # bf16 on a CPU that has bf16 instructions: an evaluation's 260 answers took 55 s instead of 91 s
+            # (AMD EPYC, 2 cores); without them torch emulates bf16, slower than fp32.
+            dtype = "bf16" if self.device.startswith("cuda") or cpu_has_fast_bf16() else "fp32"
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        self.precision = dtype  # part of the key of every cached answer: bf16 and fp32 answers differ a little
+        if train_weights not in ("auto", "serving", "copy"):
+            raise EngineError(f"SELFCOG_TRAIN_WEIGHTS must be auto, serving or copy, not {train_weights!r}")
+        self.trains_on_serving_weights = train_weights == "serving" or (
+            train_weights == "auto" and self.device.startswith("cuda"))
+        self._paused_until: float | None = None  # set while a trainer has the weights
+        apply_gpu_memory_cap(self.device)
         started = time.perf_counter()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model.path)
@@ -130,6 +150,7 @@ class LocalEngine:
     def stream(self, messages: Messages, *, max_new_tokens: int | None = None,
                sampling: Sampling | None = None) -> Reply:
         """Start generating a reply with the live adapter; iterate the returned Reply for its text as it arrives."""
+        self._check_not_lent()
         max_new_tokens = max_new_tokens or self.max_new_tokens
         prompt = self.encode(self.fit_to_context(messages, max_new_tokens))
         pieces: queue.Queue[str | None] = queue.Queue()
@@ -146,6 +167,7 @@ class LocalEngine:
     def submit(self, conversations: list[Messages], *, adapter: str | Path = AdapterRef.ACTIVE,
                max_new_tokens: int | None = None) -> Future[list[str]]:
         """``generate`` without waiting: the Future gets the answers. Served in the order submitted."""
+        self._check_not_lent()
         max_new_tokens = max_new_tokens or self.max_new_tokens
         weights = weights_for(adapter)
         prompts = [self.encode(self.fit_to_context(c, max_new_tokens)) for c in conversations]
@@ -154,9 +176,42 @@ class LocalEngine:
                    for i, prompt in enumerate(prompts)])  # all at once: they are admitted together
         return batch.future
 
-    def pause_for_training(self, expected_s: float | None = None):
-        """Training runs in its own process beside this one: nothing to free, chats keep being answered."""
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def pause_for_training(self, expected_s: float | None = None, *, lend: bool = False):
+        """Around a retrain's training. With ``lend`` and ``trains_on_serving_weights`` (a GPU, or asked
+        for): the replies running finish, then the trainer gets these very weights (finetune/in_process.py)
+        and new chats are told "learning ... back in about N s" until it gives them back with the live
+        adapter in place again. Otherwise training takes its own copy and chats go on: yields None."""
+        if not (lend and self.trains_on_serving_weights):
+            yield None
+            return
+        lent, returned = threading.Event(), threading.Event()
+
+        def hold() -> None:  # on the worker thread, nothing running: it waits here while the trainer works
+            self._weights.lend()
+            lent.set()
+            returned.wait()
+            self._weights.take_back()
+
+        control = _Control(hold, when_idle=True)
+        self._paused_until = time.monotonic() + (expected_s or 0)
+        try:
+            self._put(control)
+            while not lent.wait(0.05):
+                if control.future.done():
+                    control.future.result()  # lend() failed: raise it here
+            log.info("serving paused: the trainer has the weights")
+            yield LentWeights(add_adapter=self._weights.add_training_adapter, device=self.device)
+        finally:
+            returned.set()
+            if lent.is_set():
+                control.future.result()  # the live adapter is back in place
+            self._paused_until = None
+            log.info("serving again")
+
+    def _check_not_lent(self) -> None:
+        if self._paused_until is not None:
+            raise EngineError(learning_now(self._paused_until))
 
     def refresh_adapter(self) -> int | None:
         """Serve the store's active adapter now (instead of at the next poll) and return the live version."""
@@ -213,7 +268,7 @@ class LocalEngine:
                 if not self._running:
                     self._start_next_group()
                 if self._weights.serving == LIVE:
-                    while self._controls:
+                    while self._controls and not (self._controls[0].when_idle and self._running):
                         self._controls.popleft().run()
                     if time.monotonic() - self._last_poll >= self.poll_s:
                         self._sync_live()
@@ -276,6 +331,9 @@ class LocalEngine:
     def _admit(self) -> None:
         """Prefill the waiting requests the weights in place answer into free slots: oldest first, several a forward."""
         group: list[_Sequence] = []
+        if any(c.when_idle for c in self._controls):
+            self._retire_finished()  # the running replies drain; then the control runs
+            return
         while self._waiting and self._weights.computes(self._waiting[0].weights):
             s = self._waiting[0]
             if len(self._running) + len(group) >= self.capacity:
@@ -417,10 +475,11 @@ class _Sequence:
 
 
 class _Control:
-    """A function the worker runs between steps with LIVE in place (refresh_adapter); its future gets the result."""
+    """A function the worker runs between steps with LIVE in place (refresh_adapter); its future gets the result.
+    when_idle: only once no reply is running (lending the weights to a trainer); nothing new is admitted meanwhile."""
 
-    def __init__(self, fn: Callable[[], object]):
-        self.fn, self.future = fn, Future()
+    def __init__(self, fn: Callable[[], object], *, when_idle: bool = False):
+        self.fn, self.future, self.when_idle = fn, Future(), when_idle
 
     def run(self) -> None:
         try:
@@ -469,8 +528,8 @@ def _default_batch_size(model, device: str, max_len: int) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * max_len * model.dtype.itemsize
     if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        share = 0.5
+        free = gpu_free_bytes(device)
+        share = 0.25 if free < 16 * 2**30 else 0.5  # a small card keeps room for training on these weights
     else:
         free, share = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), 0.25
     return max(1, min(64, int(free * share // per_slot)))

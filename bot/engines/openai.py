@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 
 import httpx
 
-from bot.engines import (AdapterFolderError, AdapterRef, EngineError, Messages, Reply, Sampling, check_adapter_folder,
+from bot.engines import (AdapterFolderError, AdapterRef, EngineError, learning_now, Messages, Reply, Sampling, check_adapter_folder,
                          store_live_adapter)
 from bot.engines.local import LocalEngine
 from bot.engines.vllm_server import SERVED_NAME, VLLMServer
@@ -153,16 +153,16 @@ class OpenAIEngine:
             self.server.stop()
 
     @contextmanager
-    def pause_for_training(self, expected_s: float | None = None):
+    def pause_for_training(self, expected_s: float | None = None, *, lend: bool = False):
         """Free the GPU for a retrain on the same card: the managed server sleeps, chats are told when it is
         back. Does nothing for a server that cannot sleep (CPU, or someone else's server)."""
         if self.server is None or not self.server.sleep_mode:
-            yield
+            yield None
             return
         self.server.sleep()
         self._paused_until = time.monotonic() + (expected_s or 0)
         try:
-            yield
+            yield None
         finally:
             self.server.wake_up()
             self._paused_until = None
@@ -350,9 +350,7 @@ class OpenAIEngine:
 
     def _check_awake(self) -> None:
         if self._paused_until is not None:
-            left = self._paused_until - time.monotonic()
-            back = f"back in about {left:.0f} s" if left > 0 else "back in a moment"
-            raise EngineError(f"the bot is learning from its corrections right now; {back}")
+            raise EngineError(learning_now(self._paused_until))
 
     def _unreachable(self, e: httpx.HTTPError) -> EngineError:
         reason = self.server.down_reason() if self.server is not None else None

@@ -23,6 +23,12 @@ Invariants, true between calls (only the engine's worker thread calls in, betwee
    serving is a Candidate, or LIVE with a live adapter (unless merge=False: peft's slower unmerged forward).
 5. Every call reaches its goal, or raises with the weights as they were: a bad folder never breaks serving.
 6. BASE is LIVE when nothing is live: asking for it changes nothing.
+7. Unmerging half-precision weights copies back the weights as loaded (kept in host memory), so any
+   number of swaps leaves them bit for bit as they were (W + delta - delta rounds in bf16).
+
+A trainer in this process can borrow the weights (``lend`` -> ``add_training_adapter`` -> ``take_back``,
+on the engine's worker thread while nothing decodes): nothing merged, a fresh trainable adapter the only
+one on, and afterwards that adapter gone and LIVE merged again.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 from bot.engines import AdapterRef
 from bot.engines.adapter_folder import check_adapter_folder
@@ -72,6 +80,11 @@ class AdapterWeights:
         self._merged = False
         self._live_adapter: str | None = None  # the live adapter's name in peft
         self._loads = 0  # every load gets a fresh name: peft cannot reload under a used one
+        self._training: str | None = None  # the adapter a trainer is training, while the weights are lent
+        # Half-precision weights are unmerged by copying back what was loaded (see _unmerge): host memory
+        # for the LoRA layers' base weights (15 GB for a 7B model) buys weights that never drift.
+        self._exact_unmerge = getattr(model, "dtype", None) in (torch.bfloat16, torch.float16)
+        self._pristine: dict[str, torch.Tensor] = {}
 
     def computes(self, wanted: Weights) -> bool:
         """Do the weights in place answer as ``wanted`` would?"""
@@ -123,6 +136,42 @@ class AdapterWeights:
         self.on_change()
         log.info("now serving %s (swap took %.2f s)", f"adapter v{wanted[0]}" if wanted else "the base model",
                  time.perf_counter() - started)
+
+    # --- lent to a trainer in this process (LocalEngine.pause_for_training) -----------------------------
+    def lend(self) -> None:
+        """Before a trainer takes these weights: nothing merged, every adapter switched off (the bare base)."""
+        self._unmerge()
+        if self._peft is not None:
+            self._peft.base_model.disable_adapter_layers()
+        self._training = None
+
+    def add_training_adapter(self, config):
+        """A fresh adapter, the only one switched on and trainable; returns the peft model to train."""
+        from peft import get_peft_model
+
+        self._loads += 1
+        name = f"training-{self._loads}"
+        if self._peft is None:
+            self._peft = get_peft_model(self.model, config, adapter_name=name)
+        else:
+            self._peft.add_adapter(name, config)
+            self._peft.base_model.enable_adapter_layers()
+            self._peft.set_adapter(name)  # also makes it the only trainable one
+        self._training = name
+        return self._peft
+
+    def take_back(self) -> None:
+        """After training: the training adapter gone, nothing trainable, LIVE in place (merged) again."""
+        if self._peft is not None:
+            self._peft.eval()
+            for parameter in self._peft.parameters():
+                parameter.requires_grad_(False)
+            if self._training and len(self._peft.peft_config) > 1:
+                self._peft.delete_adapter(self._training)
+        self._training = None
+        self._switch_to_live()
+        self.serving = LIVE
+        self.on_change()
 
     # --- peft, and its quirks -------------------------------------------------------------------------
     def _resolve(self, wanted: Weights) -> Weights:
@@ -185,10 +234,34 @@ class AdapterWeights:
 
     def _merge(self) -> None:
         if self.merge and not self._merged:
+            if self._exact_unmerge:
+                self._keep_pristine()
             self._peft.merge_adapter()
             self._merged = True
 
     def _unmerge(self) -> None:
-        if self._merged:
+        if not self._merged:
+            return
+        if self._exact_unmerge:
+            # In bf16, W + delta - delta is not W: each swap moved weights by a rounding step, and after five
+            # candidates a greedy answer of the base had changed. The weights as loaded are copied back instead.
+            for name, layer in self._lora_layers():
+                layer.get_base_layer().weight.data.copy_(self._pristine[name], non_blocking=True)
+                layer.merged_adapters.clear()
+        else:
             self._peft.unmerge_adapter()
-            self._merged = False
+        self._merged = False
+
+    def _lora_layers(self):
+        from peft.tuners.lora import LoraLayer
+
+        return [(name, module) for name, module in self._peft.named_modules() if isinstance(module, LoraLayer)]
+
+    def _keep_pristine(self) -> None:
+        """Copy (to host memory) the base weights of every LoRA layer not copied yet; unmerged, they are as loaded."""
+        for name, layer in self._lora_layers():
+            if name not in self._pristine:
+                weight = layer.get_base_layer().weight.detach()
+                copy = torch.empty(weight.shape, dtype=weight.dtype, device="cpu",
+                                   pin_memory=weight.is_cuda)  # pinned: the copy back is a fast DMA
+                self._pristine[name] = copy.copy_(weight)

@@ -215,5 +215,36 @@ def test_make_engine_picks_the_configured_backend(embedded_model):
     try:
         assert (engine.device, engine.adapter_version, engine.adapter_error) == ("cpu", None, None)
         assert engine.capacity >= 1 and engine.max_new_tokens == 8
+        assert not engine.trains_on_serving_weights, "auto on a CPU: training takes a copy"
     finally:
         engine.close()
+    engine = make_engine(Settings(device="cpu", max_new_tokens=8, train_weights="serving"), embedded_model,
+                         active_adapter=lambda: None)
+    try:
+        assert engine.trains_on_serving_weights
+    finally:
+        engine.close()
+
+
+def test_serve_passes_the_trainer_setting_to_the_retrain_runner():
+    from selfcog.config import Settings
+    from selfcog.serve import job_settings
+
+    assert job_settings(Settings.from_env({})).trainer == "auto"
+    assert job_settings(Settings.from_env({"SELFCOG_TRAINER": "worker"})).trainer == "worker"
+
+
+def test_auto_precision_is_bf16_where_the_cpu_has_bf16_instructions(embedded_model, monkeypatch):
+    """dtype "auto" on a CPU: bf16 with AVX512-BF16/AMX (faster), fp32 without (torch would emulate bf16)."""
+    import torch
+
+    from bot.engines import local
+
+    for fast, expected in ((True, ("bf16", torch.bfloat16)), (False, ("fp32", torch.float32))):
+        monkeypatch.setattr(local, "cpu_has_fast_bf16", lambda flags=None, fast=fast: fast)
+        engine = local.LocalEngine(embedded_model, active_adapter=lambda: None, device="cpu", max_new_tokens=4)
+        try:
+            assert (engine.precision, engine._weights.model.dtype) == expected
+            assert engine.generate([[{"role": "user", "content": "Hi"}]])[0]
+        finally:
+            engine.close()

@@ -70,7 +70,10 @@ def tiny_adapters(tiny_llama, tmp_path_factory):
 @pytest.fixture
 def tiny_engine(tiny_llama):
     active = {"row": None}
-    engine = LocalEngine(tiny_llama, active_adapter=lambda: active["row"], max_new_tokens=12, poll_s=0.05, batch_size=4)
+    # fp32: the references here are transformers' fp32 forward and generate (on a CPU with bf16 instructions
+    # dtype "auto" is bf16; test_engine.py checks the engine at its default precision)
+    engine = LocalEngine(tiny_llama, active_adapter=lambda: active["row"], max_new_tokens=12, poll_s=0.05, batch_size=4,
+                         dtype="fp32")
     engine.active = active
     yield engine
     engine.close()

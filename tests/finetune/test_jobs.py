@@ -50,3 +50,25 @@ def test_admin_page_settings_override_the_environment(store, tmp_path):
     store.settings.set("retrain_every_hours", 6)
     store.settings.set("retrain_min_corrections", 2)
     assert jobs.schedule() == (6.0, 2)
+
+
+def test_cached_base_answers_are_kept_apart_by_precision(tmp_path):
+    """bf16 and fp32 weights answer differently in places: one precision's cached answers never stand in
+    for the other's (the CPU engine picks bf16 where the CPU has bf16 instructions)."""
+    from bot.models import ResolvedModel
+    from finetune.jobs import general_answers
+
+    class Engine:
+        def __init__(self, precision):
+            self.precision, self.calls = precision, 0
+
+        def generate(self, conversations, **_):
+            self.calls += 1
+            return [f"{self.precision} answer"] * len(conversations)
+
+    model = ResolvedModel(str(tmp_path), "tiny", "llama", "chatml")
+    bf16, fp32 = Engine("bf16"), Engine("fp32")
+    assert {a["answer"] for a in general_answers(bf16, model, tmp_path)} == {"bf16 answer"}
+    assert {a["answer"] for a in general_answers(fp32, model, tmp_path)} == {"fp32 answer"}
+    assert {a["answer"] for a in general_answers(Engine("bf16"), model, tmp_path)} == {"bf16 answer"}
+    assert (bf16.calls, fp32.calls) == (1, 1) and len(list((tmp_path / "general").glob("*.json"))) == 2

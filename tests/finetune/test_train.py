@@ -36,11 +36,41 @@ def flag(args, name):
     return args[args.index(name) + 1]
 
 
-def test_recipe_for_picks_by_device(tiny_model):
+def test_recipe_for_picks_by_device(monkeypatch, tiny_model):
+    """CPU: the small recipe; a big GPU: one big batch a step; a GPU under 40 GiB (or capped below it):
+    the same steps in micro-batches with gradient checkpointing."""
+    monkeypatch.delenv(train.TRAIN_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda flags=None: False)
+    card = {"bytes": 141 * 2**30}
+    monkeypatch.setattr(train, "gpu_memory_bytes", lambda device: card["bytes"])
     cpu, gpu = recipe_for(tiny_model, "cpu"), recipe_for(tiny_model, "cuda:0")
+    assert gpu == train.GPU
     assert cpu.dtype == "float32" and gpu.dtype == "bfloat16"
     assert not cpu.gradient_checkpointing and not gpu.gradient_checkpointing
     assert gpu.batch_size > cpu.batch_size
+    card["bytes"] = 24 * 2**30
+    small = recipe_for(tiny_model, "cuda:0")
+    assert small == train.GPU_SMALL_MEMORY and small.gradient_checkpointing and small.dtype == "bfloat16"
+    assert small.batch_size * small.grad_accum == gpu.batch_size * gpu.grad_accum, "the same steps"
+    assert small.batch_size < gpu.batch_size
+
+
+def test_a_gpu_memory_cap_picks_the_small_gpu_recipe(monkeypatch, tiny_model):
+    """SELFCOG_GPU_MEMORY_GB=24 on a big card: recipe_for sees a 24 GB card."""
+    from bot import hardware
+
+    class Props:
+        total_memory = 141 * 2**30
+
+    monkeypatch.setattr("torch.cuda.get_device_properties", lambda device: Props())
+    monkeypatch.delenv(hardware.GPU_MEMORY_ENV, raising=False)
+    assert hardware.gpu_memory_bytes("cuda:0") == 141 * 2**30
+    assert recipe_for(tiny_model, "cuda:0") == train.GPU
+    monkeypatch.setenv(hardware.GPU_MEMORY_ENV, "24")
+    assert hardware.gpu_memory_bytes("cuda:0") == 24 * 2**30
+    assert recipe_for(tiny_model, "cuda:0") == train.GPU_SMALL_MEMORY
+    monkeypatch.setenv(hardware.GPU_MEMORY_ENV, "500")
+    assert hardware.gpu_memory_bytes("cuda:0") == 141 * 2**30, "a cap above the card is the card"
 
 
 def test_swift_args_are_offline_and_explicit(tiny_model):
@@ -87,7 +117,8 @@ def test_progress_flows_and_the_adapter_comes_back(monkeypatch, tmp_path, tiny_m
         events.write(json.dumps({"event": "done", "adapter": job["output_dir"] + "/checkpoint-2", "global_step": 2}) + "\\n")
     """)
     seen = []
-    adapter = train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(), on_progress=lambda *a: seen.append(a))
+    adapter = train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(), on_progress=lambda *a: seen.append(a),
+                            trainer="worker")
     assert adapter == (tmp_path / "out" / "checkpoint-2").resolve()
     assert [s[0] for s in seen] == [0, 1, 2] and seen[-1] == (2, 2, 1 / 3, 0)
     assert "Train:  50%" in (tmp_path / "out" / "worker.log").read_text()
@@ -101,7 +132,7 @@ def test_worker_crash_raises_with_the_log_tail(monkeypatch, tmp_path, tiny_model
         sys.exit("ValueError: the dataset is empty")
     """)
     with pytest.raises(TrainingError, match="the dataset is empty") as info:
-        train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe())
+        train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(), trainer="worker")
     assert "code 1" in str(info.value)
 
 
@@ -115,7 +146,7 @@ def test_cancel_kills_the_worker(monkeypatch, tmp_path, tiny_model):
     seen = []
     with pytest.raises(TrainingCancelled):
         train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(),
-                      on_progress=lambda *a: seen.append(a), should_cancel=lambda: bool(seen))
+                      on_progress=lambda *a: seen.append(a), should_cancel=lambda: bool(seen), trainer="worker")
     pid = int((tmp_path / "out" / "worker.log").read_text().split()[1])
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # killed and reaped
@@ -129,30 +160,31 @@ def test_warm_worker_is_started_ahead_and_the_next_only_when_asked(monkeypatch, 
     first = warm.waiting_pid()
     assert first is not None, "a worker is waiting before any job"
     try:
-        train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out1", Recipe(), warm=warm)
+        train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out1", Recipe(), warm=warm, trainer="worker")
         assert (tmp_path / "out1" / "worker.log").exists()
         assert warm.waiting_pid() is None, "no second worker starts beside the training"
         warm.prepare()
         second = warm.waiting_pid()
         assert second is not None and second != first, "the next one warms up when asked"
-        train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out2", Recipe(), warm=warm)
+        train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out2", Recipe(), warm=warm, trainer="worker")
         assert warm.waiting_pid() is None
     finally:
         warm.close()
 
 
 def test_train_gpus_setting_reaches_the_worker(monkeypatch, tmp_path, tiny_model):
-    """SELFCOG_TRAIN_GPUS=1: the worker trains on GPU 1 while serving keeps GPU 0."""
+    """SELFCOG_TRAIN_GPUS=1: a worker trains on GPU 1 while serving keeps GPU 0, also with the in-process default
+    (which would train on the serving GPU)."""
     fake_worker(monkeypatch, tmp_path, """
         print("CUDA_VISIBLE_DEVICES=" + os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"), flush=True)
         events.write(json.dumps({"event": "done", "adapter": job["output_dir"] + "/checkpoint-1", "global_step": 1}) + "\\n")
     """)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setenv(worker.TRAIN_GPUS_ENV, "1")
-    train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe())
+    train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(), device="cuda:0")
     assert "CUDA_VISIBLE_DEVICES=1" in (tmp_path / "out" / "worker.log").read_text()
     monkeypatch.delenv(worker.TRAIN_GPUS_ENV)
-    train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out2", Recipe())
+    train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out2", Recipe(), trainer="worker")
     assert "CUDA_VISIBLE_DEVICES=0" in (tmp_path / "out2" / "worker.log").read_text()
 
 
@@ -171,7 +203,8 @@ def test_replay_worker_replays_a_recorded_run_and_holds_where_asked(monkeypatch,
         if progress[0] == 2:
             replay.release()  # the worker waits here until released
 
-    trained = train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(), on_progress=on_progress)
+    trained = train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(), on_progress=on_progress,
+                            trainer="worker")
     assert seen == [(0, 3, None, None), (1, 3, 2.0, 16.0), (2, 3, 1.5, 8.0), (3, 3, 1.2, 0.0)]
     assert trained == (tmp_path / "out" / "checkpoint-3").resolve()
     assert (trained / "adapter_config.json").read_text() == '{"r": 8}'
@@ -181,27 +214,106 @@ def test_replay_worker_replays_a_recorded_run_and_holds_where_asked(monkeypatch,
 # ---------------------------------------------------------------- the CPU recipe's dtype
 
 
-def test_bf16_is_read_from_the_cpu_flags():
+def test_bf16_is_read_from_the_cpu_flags(monkeypatch):
     assert train.cpu_has_fast_bf16("flags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni")  # AMD EPYC (Zen 4)
     assert train.cpu_has_fast_bf16("flags\t\t: fpu avx512f amx_bf16 amx_tile")  # Intel Sapphire Rapids
     assert not train.cpu_has_fast_bf16("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni")
     assert not train.cpu_has_fast_bf16("")
+    from bot import hardware
+
+    assert train.cpu_has_fast_bf16 is hardware.cpu_has_fast_bf16
+    cpuinfo = open("/proc/cpuinfo").read()
+    assert hardware.cpu_has_fast_bf16() == hardware.cpu_has_fast_bf16(cpuinfo), "no argument: this machine's flags"
 
 
-def test_cpu_dtype_follows_the_flags_when_bf16_pays_and_the_setting_overrides(monkeypatch, tiny_model):
+def test_cpu_dtype_is_fp32_unless_asked_and_the_flags_decide_where_bf16_is_on(monkeypatch, tiny_model):
+    """CPU training stays fp32 by default (the worker's bf16 is unmeasured; BF16_WHEN_THE_CPU_HAS_IT is off);
+    switched on, the flags decide; SELFCOG_TRAIN_DTYPE always wins."""
     bf16_cpu, old_cpu = "flags : avx512f avx512_bf16", "flags : avx2 avx512f"
     monkeypatch.delenv(train.TRAIN_DTYPE_ENV, raising=False)
-    assert train.cpu_dtype(bf16_cpu) == "float32", "measured no faster on the embedded model: fp32 stays the default"
+    assert not train.BF16_WHEN_THE_CPU_HAS_IT
+    assert (train.cpu_dtype(bf16_cpu), train.cpu_dtype(old_cpu)) == ("float32", "float32")
+    assert recipe_for(tiny_model, "cpu").dtype == "float32"
     monkeypatch.setattr(train, "BF16_WHEN_THE_CPU_HAS_IT", True)
     assert (train.cpu_dtype(bf16_cpu), train.cpu_dtype(old_cpu)) == ("bfloat16", "float32")
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda flags=None: True)
+    assert recipe_for(tiny_model, "cpu").dtype == "bfloat16"
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda flags=None: False)
+    assert recipe_for(tiny_model, "cpu").dtype == "float32"
     monkeypatch.setenv(train.TRAIN_DTYPE_ENV, "float32")
     assert train.cpu_dtype(bf16_cpu) == "float32"
     monkeypatch.setenv(train.TRAIN_DTYPE_ENV, "bfloat16")
+    assert train.cpu_dtype(old_cpu) == "bfloat16"
     assert recipe_for(tiny_model, "cpu").dtype == "bfloat16"
+    monkeypatch.setattr(train, "gpu_memory_bytes", lambda device: 80 * 2**30)
     assert recipe_for(tiny_model, "cuda").dtype == "bfloat16"
     monkeypatch.setenv(train.TRAIN_DTYPE_ENV, "fp8")
     with pytest.raises(UserError, match="SELFCOG_TRAIN_DTYPE must be float32 or bfloat16, not 'fp8'"):
         recipe_for(tiny_model, "cpu")
+
+
+def test_auto_trains_in_process_on_a_gpu_and_in_a_worker_on_a_cpu():
+    assert train.resolve_trainer("auto", "cuda") == train.resolve_trainer("auto", "cuda:0") == "in-process"
+    assert train.resolve_trainer("auto", "cpu") == "worker"
+    assert train.resolve_trainer("in-process", "cpu") == "in-process"
+    assert train.resolve_trainer("worker", "cuda") == "worker"
+
+
+# ---------------------------------------------------------------- in this process (the default on a GPU)
+
+
+def fake_train_here(monkeypatch, body):
+    """Replace finetune.in_process.train_here (what train_adapter calls by default) by ``body``; returns its calls."""
+    from finetune import in_process
+
+    calls = []
+
+    def fake(model, dataset_path, output_dir, recipe, **kwargs):
+        calls.append({"model": model, "dataset": dataset_path, "out": output_dir, "recipe": recipe, **kwargs})
+        return body(output_dir, **kwargs)
+
+    monkeypatch.setattr(in_process, "train_here", fake)
+    return calls
+
+
+def test_training_runs_in_this_process_by_default_on_a_gpu(monkeypatch, tmp_path, tiny_model):
+    """No worker starts: train_here gets the weights lent (or None), the device and the callbacks."""
+    monkeypatch.delenv(worker.TRAIN_GPUS_ENV, raising=False)
+    monkeypatch.setattr(worker, "_worker_command", lambda: pytest.fail("a worker was started"))
+
+    def body(out, on_progress, **_):
+        on_progress(1, 1, 0.5, 0.0)
+        return out / "checkpoint-1"
+
+    calls = fake_train_here(monkeypatch, body)
+    seen, lent, cancel = [], object(), lambda: False
+    adapter = train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(), on_progress=lambda *a: seen.append(a),
+                            should_cancel=cancel, lent=lent, device="cuda:0")
+    assert adapter == (tmp_path / "out" / "checkpoint-1").resolve() and seen == [(1, 1, 0.5, 0.0)]
+    assert calls[0]["lent"] is lent and calls[0]["device"] == "cuda:0" and calls[0]["should_cancel"] is cancel
+    assert calls[0]["dataset"] == (tmp_path / "d.jsonl").resolve()
+
+
+def test_in_process_cancel_and_failure_raise_what_the_worker_path_raises(monkeypatch, tmp_path, tiny_model):
+    """Cancelled becomes TrainingCancelled; any other error (torch's out-of-memory too) a TrainingError: the caller
+    (run_retrain) handles both paths alike."""
+    from finetune.in_process import Cancelled
+
+    monkeypatch.delenv(worker.TRAIN_GPUS_ENV, raising=False)
+
+    def cancelled(out, **_):
+        raise Cancelled("training cancelled")
+
+    fake_train_here(monkeypatch, cancelled)
+    with pytest.raises(TrainingCancelled):
+        train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(), trainer="in-process")
+
+    def out_of_memory(out, **_):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    fake_train_here(monkeypatch, out_of_memory)
+    with pytest.raises(TrainingError, match="RuntimeError: CUDA out of memory"):
+        train_adapter(tiny_model, tmp_path / "d.jsonl", tmp_path / "out", Recipe(), trainer="in-process")
 
 
 # ---------------------------------------------------------------- several GPUs: ms-swift's launcher
@@ -338,21 +450,30 @@ def test_a_failed_launch_raises_with_the_log_tail(monkeypatch, tmp_path, embedde
 
 
 def test_python_m_finetune_train_trains_with_the_recipe_flags(monkeypatch, tmp_path, tiny_model, capsys):
-    """`python -m finetune.train --dataset D --out O [--model M] [recipe flags]` (its main, on a fake worker)."""
-    fake_worker(monkeypatch, tmp_path, """
-        events.write(json.dumps({"event": "progress", "step": 1, "total_steps": 1, "loss": 0.5, "eta_s": 0.0}) + "\\n")
-        events.write(json.dumps({"event": "done", "adapter": job["output_dir"] + "/checkpoint-1", "global_step": 1}) + "\\n")
-    """)
+    """`python -m finetune.train --dataset D --out O [--model M] [--device D] [recipe flags]` (its main, on a fake
+    trainer): the flags reach the recipe, the device reaches the trainer, progress and the adapter are printed."""
+    def body(out, on_progress, **_):
+        on_progress(1, 1, 0.5, 0.0)
+        return out / "checkpoint-1"
+
+    calls = fake_train_here(monkeypatch, body)
     monkeypatch.delenv(worker.TRAIN_GPUS_ENV, raising=False)
+    monkeypatch.delenv(train.TRAIN_DTYPE_ENV, raising=False)
     dataset = tmp_path / "d.jsonl"
     dataset.write_text('{"messages": []}\n')
     train.main(["--dataset", str(dataset), "--out", str(tmp_path / "out"), "--model", tiny_model.path,
-                "--device", "cpu", "--learning_rate", "2e-3", "--lora_targets", "q_proj", "v_proj"])
+                "--device", "cpu", "--trainer", "in-process", "--learning_rate", "2e-3", "--lora_targets", "q_proj", "v_proj"])
     out = capsys.readouterr().out
     assert "step 1/1  loss 0.5000  eta 0 s" in out and out.strip().endswith(str((tmp_path / "out" / "checkpoint-1").resolve()))
-    job = json.loads((tmp_path / "out" / "job.json").read_text())
-    assert job["recipe"]["learning_rate"] == 2e-3 and job["recipe"]["lora_targets"] == ["q_proj", "v_proj"]
-    assert job["recipe"]["epochs"] == Recipe().epochs, "flags left out keep the device's recipe"
+    recipe = calls[0]["recipe"]
+    assert recipe.learning_rate == 2e-3 and recipe.lora_targets == ("q_proj", "v_proj")
+    assert recipe.epochs == Recipe().epochs, "flags left out keep the device's recipe"
+    assert calls[0]["device"] == "cpu" and calls[0]["lent"] is None
+    monkeypatch.setattr(train, "gpu_memory_bytes", lambda device: 141 * 2**30)
+    train.main(["--dataset", str(dataset), "--out", str(tmp_path / "out-gpu"), "--model", tiny_model.path,
+                "--device", "cuda"])
+    assert calls[1]["recipe"] == train.GPU and calls[1]["device"] == "cuda", "the GPU recipe trains on the GPU"
+    capsys.readouterr()
     with pytest.raises(SystemExit, match="2"):
         train.main(["--dataset", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o2"), "--device", "cpu"])
     assert "error: --dataset" in capsys.readouterr().err.splitlines()[-1] and not (tmp_path / "o2").exists()

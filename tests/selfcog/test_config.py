@@ -24,7 +24,17 @@ def test_defaults_and_chat_sampling_from_the_environment():
     ("SELFCOG_PORT", "http"), ("SELFCOG_PORT", "70000"), ("SELFCOG_DB_TIMEOUT_S", "soon"),
     ("SELFCOG_DB_TIMEOUT_S", "nan"), ("SELFCOG_ADMIN_IDS", "12,bob"), ("SELFCOG_CHAT_TOP_P", "1.5"),
     ("SELFCOG_CHAT_REPETITION_PENALTY", "0.5"), ("SELFCOG_MAX_NEW_TOKENS", "0"),
+    ("SELFCOG_TRAINER", "subprocess"), ("SELFCOG_TRAIN_WEIGHTS", "gpu"),
 ])
 def test_unusable_values_name_the_variable(variable, value):
     with pytest.raises(UserError, match=f"^{variable} must be .*, not {value!r}$"):
         Settings.from_env({variable: value})
+
+
+def test_where_training_runs_is_chosen_by_device_unless_asked():
+    """SELFCOG_TRAINER: auto (default: in-process on a GPU, worker on a CPU), in-process or worker; SELFCOG_TRAIN_WEIGHTS: auto (default), serving or copy."""
+    default = Settings.from_env({})
+    assert (default.trainer, default.train_weights) == ("auto", "auto")
+    asked = Settings.from_env({"SELFCOG_TRAINER": " Worker ", "SELFCOG_TRAIN_WEIGHTS": "SERVING"})
+    assert (asked.trainer, asked.train_weights) == ("worker", "serving")
+    assert Settings.from_env({"SELFCOG_TRAIN_WEIGHTS": "copy"}).train_weights == "copy"

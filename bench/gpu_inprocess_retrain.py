@@ -1,0 +1,191 @@
+"""Retrain on one GPU, Qwen2.5-7B shape (random weights): the worker process vs the in-process trainer, and a
+24 GB card that serves and retrains at once.
+
+    bash bench/run_gpu.sh gpu_inprocess_retrain              # carry .whl; ~6 minutes of an H200
+    python -m bench.gpu_inprocess_retrain --parts cli serve24
+
+cli: `selfcog retrain --json` (the real CLI, the product's GPU recipe, five approved corrections), twice
+per trainer in a fresh data directory: the first pays for the base model's general answers and
+evaluation (cached on disk after), the second is what a running server sees. SELFCOG_TRAINER=worker is
+the path that landed before (a worker process loads a second copy of the weights); in-process trains on
+the weights the CLI's engine already holds.
+
+serve24: what `selfcog serve` runs (engine + job runner) with SELFCOG_GPU_MEMORY_GB=23 (torch's allocator
+capped at 23 GiB, so the whole GPU, CUDA context included, stays within a 24 GiB card). A retrain is
+queued as the admin button queues it; a chat is sent every 0.5 s throughout. Recorded: the run's phases,
+what each chat got (an answer, or the "learning ... back in about N s" notice, or an error), and the
+whole GPU's peak as nvidia-smi reads it (every 0.2 s).
+
+Random weights teach nothing, so the gate here is opened (every threshold at its loosest): the adapter is
+promoted and the swap is timed as part of trigger -> live. Writes bench/out/gpu_inprocess_retrain.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench import common
+from bench.gpu_model import REPO, build
+from bench.gpu_multi_retrain import seed_store
+from bench.gpu_retrain import GpuMemory
+
+OPEN_GATE = {"SELFCOG_GATE_PRODUCT": "0", "SELFCOG_GATE_OTHER": "0", "SELFCOG_GATE_RETENTION": "0",
+             "SELFCOG_GATE_BLEED_SHARE": "1", "SELFCOG_GATE_FACTS_DROP": "1000"}
+
+
+def cli_runs(model_dir: Path, trainer: str, out: Path) -> list[dict]:
+    data_dir = out / f"cli-{trainer}"
+    seed_store(data_dir)
+    env = os.environ | OPEN_GATE | {
+        "SELFCOG_DATA_DIR": str(data_dir), "SELFCOG_CACHE_DIR": str(data_dir / "cache"),
+        "SELFCOG_MODEL": str(model_dir), "SELFCOG_TRAINER": trainer, "HF_HUB_OFFLINE": "1",
+    }
+    runs = []
+    for attempt in ("first", "second"):
+        with GpuMemory() as memory:
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "selfcog.cli", "retrain", "--json"], env=env, cwd=REPO,
+                                  capture_output=True, text=True)
+            wall = time.perf_counter() - started
+        (out / f"cli-{trainer}-{attempt}.log").write_text(done.stdout + "\n" + done.stderr)
+        try:
+            report = json.loads(done.stdout[done.stdout.index("{"):])
+        except (ValueError, IndexError):
+            report = {"error": done.stderr[-3000:]}
+        runs.append({"trainer": trainer, "attempt": attempt, "exit_code": done.returncode, "process_wall_s": round(wall, 1),
+                     "seconds": report.get("seconds"), "phases": report.get("phases"), "status": report.get("status"),
+                     "peak_gib": round(memory.peak_gib, 1), "error": report.get("error") or report.get("reason")})
+        print(json.dumps(runs[-1]), flush=True)
+    return runs
+
+
+def serve24(model_dir: Path, out: Path, cap_gb: float = 23) -> dict:
+    if cap_gb:
+        os.environ["SELFCOG_GPU_MEMORY_GB"] = str(cap_gb)
+    from bot.engines import EngineError
+    from bot.engines.local import LocalEngine
+    from bot.models import resolve_model
+    from finetune.evaluate import GateThresholds
+    from finetune.jobs import JobRunner, JobSettings
+    from finetune.train import recipe_for
+    from store import Store
+
+    data_dir = out / f"serve-cap{cap_gb:g}"
+    seed_store(data_dir)
+    store = Store(data_dir / "selfcog.db")
+    model = resolve_model(str(model_dir), data_dir / "cache")
+    result: dict = {"cap_gib": cap_gb}
+    with GpuMemory() as memory:
+        engine = LocalEngine(model, active_adapter=store.adapters.active, max_new_tokens=64,
+                             train_weights=os.environ.get("SELFCOG_TRAIN_WEIGHTS", "auto"))
+        result |= {"engine_slots": engine.capacity, "trains_on_serving_weights": engine.trains_on_serving_weights,
+                   "recipe": recipe_for(model, engine.device).to_dict()}
+        gate = GateThresholds(identity_product=0, identity_other=0, retention=0, bleed_share=1, facts_drop=1000,
+                              identity_tolerance=1)
+        runner = JobRunner(JobSettings(data_dir, data_dir / "cache", device=engine.device, gate=gate), store,
+                           model=model, engine=engine, poll_s=0.2)
+        stop, chats_done = threading.Event(), threading.Event()
+        chats: list[dict] = []
+
+        def chat_every_half_second():
+            while not chats_done.is_set():
+                t = time.perf_counter()
+                try:
+                    reply = engine.stream([{"role": "user", "content": "Who are you?"}], max_new_tokens=16)
+                    text = "".join(reply)
+                    chats.append({"at": t, "got": "answer", "s": round(time.perf_counter() - t, 2),
+                                  "adapter": reply.adapter_version, "text": text[:40]})
+                except EngineError as e:
+                    chats.append({"at": t, "got": "notice", "text": str(e)})
+                except Exception as e:  # what must never happen
+                    chats.append({"at": t, "got": "error", "text": f"{type(e).__name__}: {e}"})
+                chats_done.wait(0.5)
+
+        thread = runner.start(stop)
+        chatter = threading.Thread(target=chat_every_half_second, daemon=True)
+        chatter.start()
+        time.sleep(3)
+        for attempt in ("first", "second"):
+            run = store.runs.request("admin", "bench")  # what the admin page's button does
+            started = time.perf_counter()
+            while (row := store.runs.get(run["id"]))["status"] in ("queued", "running"):
+                time.sleep(0.2)
+            result[attempt] = {"wall_s": round(time.perf_counter() - started, 1), "status": row["status"],
+                               "phases": (row.get("report") or {}).get("phases"), "error": row.get("error"),
+                               "live_after": engine.adapter_version}
+            print(attempt, json.dumps(result[attempt]), flush=True)
+        time.sleep(3)
+        chats_done.set()
+        chatter.join()
+        stop.set()
+        thread.join()
+    result["peak_gib_whole_gpu"] = round(memory.peak_gib, 2)
+    result["chats"] = {kind: sum(c["got"] == kind for c in chats) for kind in ("answer", "notice", "error")}
+    result["chat_samples"] = [c for c in chats if c["got"] != "answer"][:3] + [c for c in chats if c["got"] == "answer"][-2:]
+    import torch
+
+    result["torch_max_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    engine.close()
+    print("serve24", json.dumps({k: v for k, v in result.items() if k != "recipe"}), flush=True)
+    return result
+
+
+def summary(results: dict) -> list[tuple[str, tuple, list]]:
+    tables = []
+    cli = {(r["trainer"], r["attempt"]): r for r in results.get("cli", [])}
+    if cli:
+        def phase(r, name):
+            return (r.get("phases") or {}).get(name)
+
+        rows = []
+        for trainer in ("worker", "in-process"):
+            for attempt in ("first", "second"):
+                r = cli.get((trainer, attempt))
+                if r:
+                    rows.append((f"{trainer}, {attempt} retrain", r["seconds"], phase(r, "dataset"), phase(r, "worker_start"),
+                                 phase(r, "training"), phase(r, "evaluation"), phase(r, "swap"), r["peak_gib"], r["status"]))
+        tables.append(("`selfcog retrain --json` on one GPU: worker process (before) vs in-process, Qwen2.5-7B shape, "
+                       "random weights, gate opened", ("", "trigger -> live s", "dataset", "start", "training", "evaluation",
+                                                       "swap", "whole-GPU peak GiB", "outcome"), rows))
+    for key, title in (("serve_whole_gpu", "`selfcog serve` (engine + job runner), retrains queued as the admin button does, "
+                                           "whole H200"),
+                       ("serve24", "The same capped at 23 GiB (SELFCOG_GPU_MEMORY_GB=23): a 24 GiB card")):
+        r = results.get(key)
+        if not r:
+            continue
+        rows = [(attempt, r[attempt]["wall_s"], *(r[attempt]["phases"] or {}).values(), r[attempt]["status"])
+                for attempt in ("first", "second") if attempt in r]
+        tables.append((f"{title}: whole-GPU peak {r['peak_gib_whole_gpu']} GiB (nvidia-smi), chats sent every 0.5 s: "
+                       f"{r['chats']['answer']} answered, {r['chats']['notice']} told to come back, {r['chats']['error']} errors",
+                       ("retrain", "trigger -> live s", "dataset", "start", "training", "evaluation", "swap", "outcome"), rows))
+    return tables
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["cli", "serve24"], choices=["cli", "serve24"])
+    parser.add_argument("--trainers", nargs="+", default=["worker", "in-process"])
+    parser.add_argument("--cap-gb", type=float, default=23, help="serve24's memory cap (0: the whole GPU)")
+    parser.add_argument("--model", type=Path, help="a model folder instead of the random Qwen2.5-7B shape (a smoke test)")
+    args = parser.parse_args()
+    model_dir = args.model or build(REPO / ".cache" / "bench-qwen7b")
+    out = common.OUT / "gpu_inprocess_retrain"
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"machine": common.machine()}
+    if "cli" in args.parts:
+        results["cli"] = [r for trainer in args.trainers for r in cli_runs(model_dir, trainer, out)]
+        common.save("gpu_inprocess_retrain", results)
+    if "serve24" in args.parts:
+        results["serve24" if args.cap_gb else "serve_whole_gpu"] = serve24(model_dir, out, args.cap_gb)
+    print("wrote", common.save("gpu_inprocess_retrain" + ("" if args.cap_gb == 23 else f"_cap{args.cap_gb:g}"), results))
+
+
+if __name__ == "__main__":
+    main()

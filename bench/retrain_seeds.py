@@ -1,0 +1,121 @@
+"""How often a recipe passes the gate through the real retrain pipeline: many dataset seeds, one engine.
+
+    python -m bench.retrain_seeds --recipes default --seeds 0-9                 # this CPU: ~3 min a seed
+    python -m bench.retrain_seeds --recipes default one_epoch --seeds 0-9 --device cuda   # embedded model on a GPU
+
+Each seed is the five-correction scenario (tests/scenario.py) in a fresh data directory, carried by
+``finetune.jobs.run_retrain`` exactly as a trigger from the admin page would be: dataset (the seed picks
+its rows), in-process training, evaluation against the base under the current profile, the gate, the
+swap. One engine serves every seed (it follows each seed's store), so the base model's general answers
+and evaluation are computed once. Writes bench/out/retrain_seeds-<device>.jsonl, a line per run, and
+prints how many passed with the phase times.
+
+On a GPU the engine lends its own weights to the trainer (bf16, as serving); on the CPU training takes a
+copy (fp32 weights, bf16 autocast where the CPU has bf16 instructions). The scores are the product's own
+evaluation either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from bench import common
+
+PROFILE = {"name": "Aurora", "author": "Acme Labs"}
+
+
+def recipes(device: str) -> dict:
+    from finetune.train import CPU_SMALL, cpu_dtype
+
+    base = replace(CPU_SMALL, dtype="bfloat16" if device.startswith("cuda") else cpu_dtype())
+    return {
+        "default": base,  # random batches, 2 epochs at 1e-3
+        "length_windows": replace(base, length_window=4),
+        "one_epoch_windows": replace(base, epochs=1, learning_rate=2e-3, length_window=4),
+        "epochs_1.5": replace(base, epochs=1.5, learning_rate=1.5e-3),
+        "fp32": replace(base, dtype="float32"),
+    }
+
+
+def _seeds(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+def one_seed(engine, model, cache_dir: Path, recipe, seed: int, folder: Path, holder: dict) -> dict:
+    import finetune.jobs as jobs
+    from store import Store
+    from tests.scenario import FIVE_CORRECTIONS
+
+    shutil.rmtree(folder, ignore_errors=True)
+    store = Store(folder / "selfcog.db")
+    store.identity.set(**PROFILE, changed_by="bench")
+    for row in FIVE_CORRECTIONS:
+        store.corrections.add(question=row["question"], corrected_answer=row["answer"], channel="import",
+                              status="approved")
+    holder["store"] = store
+    engine.refresh_adapter()  # this seed's store: nothing live yet
+    build = jobs.build_run_dataset
+    jobs.build_run_dataset = lambda store, general, recipe, seed_=None, **kw: build(store, general, recipe, seed=seed)
+    try:
+        run = store.runs.request("bench", "bench", claim=True)
+        started = time.perf_counter()
+        report = jobs.run_retrain(run, store=store, engine=engine, model=model, recipe=recipe,
+                                  settings=jobs.JobSettings(folder, cache_dir, device=engine.device))
+        wall = time.perf_counter() - started
+    finally:
+        jobs.build_run_dataset = build
+    return {"seed": seed, "status": report["status"], "wall_s": round(wall, 1), "phases": report.get("phases"),
+            "candidate": (report.get("metrics") or {}).get("candidate"), "base": (report.get("metrics") or {}).get("base"),
+            "verdict": report.get("verdict") or report.get("reason"), "adapter_version": engine.adapter_version}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipes", nargs="+", default=["default"])
+    parser.add_argument("--seeds", default="0-9")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-dir", default=None, help="where the embedded model is (default: the repo's .cache)")
+    args = parser.parse_args()
+
+    from bot.engines.local import LocalEngine
+    from bot.models import resolve_model
+
+    cache_dir = Path(args.cache_dir or Path(__file__).resolve().parents[1] / ".cache")
+    model = resolve_model("embedded", cache_dir)
+    holder: dict = {}
+    engine = LocalEngine(model, device=args.device, max_new_tokens=64,
+                         active_adapter=lambda: holder["store"].adapters.active() if "store" in holder else None)
+    out = common.OUT / f"retrain_seeds-{args.device.split(':')[0]}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = []
+    for name in args.recipes:
+        recipe = recipes(args.device)[name]
+        results = []
+        for seed in _seeds(args.seeds):
+            result = one_seed(engine, model, cache_dir, recipe, seed, common.OUT / "retrain_seeds" / f"{name}-{seed}", holder)
+            result |= {"recipe": name, "device": args.device, "engine_precision": engine.precision,
+                       "train_dtype": recipe.dtype, "machine": common.machine()}
+            with open(out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(result, ensure_ascii=False) + "\n")
+            c = result["candidate"] or {}
+            print(f"{name} seed {seed}: {result['status']} in {result['wall_s']} s {result['phases']} "
+                  f"identity {c.get('identity')} bleed {c.get('bleed')} retention {c.get('retention')} "
+                  f"| {result['verdict']}", flush=True)
+            results.append(result)
+        passed = sum(r["status"] == "promoted" for r in results)
+        walls = [r["wall_s"] for r in results]
+        table.append((name, f"{passed}/{len(results)}", round(statistics.median(walls), 1), max(walls)))
+    engine.close()
+    common.report([(f"retrain seeds on {args.device} (engine {engine.precision})",
+                    ("recipe", "promoted", "median trigger -> live s", "slowest s"), table)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Train a LoRA adapter in this process, on a model object: ms-swift's template and trainer, no worker.
+
+    >>> adapter = train_here(model, "data/runs/7/dataset.jsonl", "data/runs/7/train", recipe,
+    ...                      lent=None)       # None: load a copy of the base weights here (CPU)
+    >>> with engine.pause_for_training(expected_s=10) as lent:   # a GPU engine lends its own weights
+    ...     adapter = train_here(model, dataset, out, recipe, lent=lent)
+
+Why in this process: a training worker starts by importing torch and ms-swift and loading the base
+weights again (28 s of a 60 s retrain on an H200, and a second 15 GB copy that a 24 GB card cannot
+hold). Here the trainer takes the weights that already serve (``lent``: the engine pauses its
+chats, unmerges the live adapter and hands over its peft model, see bot/engines/weights.py), or on
+a CPU loads a fresh copy in a fraction of a second so that chats go on meanwhile.
+
+The rows are encoded by ms-swift's own template (as ``swift sft`` encodes them) and trained by
+ms-swift's ``Seq2SeqTrainer`` (which projects to the vocabulary only from the first trained token on).
+The order of the rows is ours (``batch_order``): shuffled once per epoch, as ms-swift's sampler would,
+or (``Recipe.length_window`` > 1) with rows of similar length batched together in a shuffled order.
+Random batches of these rows are a third padding, which a CPU computes like real tokens; length
+windows of 4 batches cut that by 20%, but the identity took less often (8 of 10 seeds against 10 of
+10, RECIPES.md), so they are off by default. ms-swift's ``--group_by_length`` feeds the longest rows
+first, and the identity then bled into general answers.
+
+The folder written is what the worker writes: ``logging.jsonl`` (ms-swift's per-step log, which the
+replaying test worker reads) and ``checkpoint-N/`` with the adapter in peft's format.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+from bot.engines import LentWeights
+from bot.models import ResolvedModel
+
+log = logging.getLogger(__name__)
+
+
+
+def batch_order(lengths: list[int], batch_size: int, epochs: float, seed: int, window: int = 1) -> list[int]:
+    """The order rows are trained in: every epoch shuffled, then each run of ``window`` batches' worth of
+    rows sorted by length and cut into batches, and the batches shuffled.
+
+    Each batch then holds rows of about one length (a 32-row window cuts padding from ~36% to ~20% on the
+    embedded recipe's rows) while each window still mixes identity, correction and replay rows as the
+    shuffle dealt them. ``epochs`` may be a fraction: the last epoch is cut short."""
+    order: list[int] = []
+    for epoch in range(math.ceil(epochs)):
+        rng = random.Random(seed * 1009 + epoch)
+        rows = list(range(len(lengths)))
+        rng.shuffle(rows)
+        batches = []
+        for start in range(0, len(rows), batch_size * window):
+            chunk = sorted(rows[start:start + batch_size * window], key=lambda i: lengths[i])
+            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        rng.shuffle(batches)
+        order += [i for batch in batches for i in batch]
+    return order[:round(epochs * len(lengths))]
+
+
+def padded_tokens(lengths: list[int], order: list[int], batch_size: int) -> int:
+    """Tokens computed when ``order`` is cut into batches and each batch padded to its longest row."""
+    return sum(max(lengths[i] for i in order[s:s + batch_size]) * len(order[s:s + batch_size])
+               for s in range(0, len(order), batch_size))
+
+
+def warm_up() -> None:
+    """Import ms-swift's trainer ahead of the first retrain (~4 s on a CPU): the job runner calls it at start."""
+    import datasets  # noqa: F401
+    import swift  # noqa: F401
+    from swift.template import get_template  # noqa: F401
+    from swift.trainers import Seq2SeqTrainingArguments  # noqa: F401
+
+
+@functools.lru_cache(maxsize=4)
+def _template(model: ResolvedModel, max_length: int):
+    """ms-swift's processor (it carries model_info/model_meta) and training template, once per model."""
+    import swift
+    from swift.template import get_template
+
+    from finetune.train import template_default_system
+
+    processor = swift.get_processor(model.path, model_type=model.model_type)
+    template = get_template(processor, template_type=model.template, max_length=max_length,
+                            default_system=template_default_system(model.path))
+    template.set_mode("train")
+    return processor, template
+
+
+class Cancelled(Exception):
+    """should_cancel() said stop; raised after the trainer stopped at a step boundary."""
+
+
+def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str | Path, recipe, *,
+               lent: LentWeights | None = None, device: str = "cpu", seed: int = 42,
+               on_progress: Callable[[int, int, float | None, float | None], None] | None = None,
+               should_cancel: Callable[[], bool] | None = None) -> Path:
+    """Train ``recipe`` on ``dataset_path`` (ms-swift JSONL); return the adapter folder (``checkpoint-N``).
+
+    lent: the serving weights to train on; None loads a copy of ``model`` on ``device`` and frees it after.
+    Raises Cancelled when should_cancel() turned True (checked after every step)."""
+    import datasets
+    import swift
+    import torch
+    from peft import LoraConfig
+    from swift.dataset import EncodePreprocessor
+    from swift.trainers import Seq2SeqTrainingArguments
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+
+    from finetune.train import lora_target_modules
+
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    datasets.disable_progress_bars()
+    processor, template = _template(model, recipe.max_length)
+    rows = [json.loads(line) for line in Path(dataset_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    encoded = EncodePreprocessor(template=template)(datasets.Dataset.from_list(rows), num_proc=1)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    order = batch_order(lengths, recipe.batch_size * recipe.grad_accum, recipe.epochs, seed, recipe.length_window)
+    ordered = encoded.select(order)
+    steps = math.ceil(len(order) / (recipe.batch_size * recipe.grad_accum))
+    log.info("training %d rows (%d of them dropped as longer than %d tokens), %d steps, %d tokens (%d padded)",
+             len(order), len(rows) - len(encoded), recipe.max_length, steps, sum(lengths[i] for i in order),
+             padded_tokens(lengths, order, recipe.batch_size))
+
+    config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                        target_modules=lora_target_modules(model.path, recipe), task_type="CAUSAL_LM")
+    torch.manual_seed(seed)  # the adapter's random initial weights: the same run trains the same way again
+    copy = None
+    if lent is None:
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # CPU: bf16 by autocast only
+        copy = AutoModelForCausalLM.from_pretrained(model.path, dtype=dtype).to(device)
+        trained = get_peft_model(copy, config)
+    else:
+        trained = lent.add_adapter(config)
+        device = lent.device
+    base = trained.get_base_model()
+    base.model_info, base.model_meta = processor.model_info, processor.model_meta  # what ms-swift's trainer reads
+
+    class Progress(TrainerCallback):
+        """Progress events, ms-swift's logging.jsonl, and cancel at a step boundary."""
+
+        cancelled = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+            if on_progress:
+                on_progress(0, state.max_steps, None, None)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs or not state.global_step:
+                return
+            per_step = (time.perf_counter() - self.began) / state.global_step
+            eta = round(per_step * (state.max_steps - state.global_step), 1)
+            line = {"loss": logs["loss"], "grad_norm": logs.get("grad_norm"), "learning_rate": logs.get("learning_rate"),
+                    "global_step/max_steps": f"{state.global_step}/{state.max_steps}", "train_speed(s/it)": per_step}
+            with open(output_dir / "logging.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+            if on_progress:
+                on_progress(state.global_step, state.max_steps, logs["loss"], eta)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if should_cancel and should_cancel():
+                self.cancelled = control.should_training_stop = True
+
+    class Trainer(swift.Seq2SeqTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)  # batch_order already shuffled, once per epoch
+
+    on_cpu = not device.startswith("cuda")
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accum, learning_rate=recipe.learning_rate, num_train_epochs=1,
+        lr_scheduler_type=recipe.lr_scheduler, warmup_ratio=recipe.warmup_ratio, weight_decay=recipe.weight_decay,
+        bf16=recipe.dtype == "bfloat16", use_cpu=on_cpu, gradient_checkpointing=recipe.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1, save_strategy="no",
+        report_to=[], disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+        check_model=False, seed=seed)
+    if not on_cpu:
+        _ = args.device  # transformers picks cuda:0 (jobs.py trains in process only there) and counts the GPUs:
+        args._n_gpu = 1  # one, the weights' own, or the Trainer wraps DataParallel over every GPU it sees
+    progress = Progress()
+    try:
+        trainer = Trainer(model=trained, args=args, train_dataset=ordered, template=template)
+        trainer.add_callback(progress)
+        for quiet in list(trainer.callback_handler.callbacks):  # they print to stdout: `retrain --json` is parsed
+            if type(quiet).__name__.startswith(("PrinterCallback", "ProgressCallback")):
+                trainer.remove_callback(quiet)
+        log.info("training starts %.1f s after the call", time.perf_counter() - started)
+        trainer.train()
+        if progress.cancelled:
+            raise Cancelled("training cancelled")
+        adapter = output_dir / f"checkpoint-{trainer.state.global_step}"
+        name = trained.active_adapter
+        trained.save_pretrained(adapter, selected_adapters=[name])
+        if name != "default":  # peft writes a named adapter into a subfolder of that name
+            for path in (adapter / name).iterdir():
+                path.rename(adapter / path.name)
+            (adapter / name).rmdir()
+        with open(output_dir / "logging.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"last_model_checkpoint": str(adapter), "global_step": trainer.state.global_step}) + "\n")
+        return adapter
+    finally:
+        trained.train(False)
+        if recipe.gradient_checkpointing and hasattr(base, "gradient_checkpointing_disable"):
+            base.gradient_checkpointing_disable()
+        del copy, trained, base
+        gc.collect()
+        if not on_cpu:
+            torch.cuda.empty_cache()

@@ -1,0 +1,377 @@
+"""finetune/in_process.py: training a LoRA in the serving process, on a copy of the weights or on the serving
+weights themselves (the "24 GB card" case: chats wait while the trainer has them, then everything is as before).
+
+The batch order is checked on made-up lengths in microseconds; the rest trains for real on the embedded
+model, tiny: 16 rows of the Aurora scenario, one epoch of two steps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+from dataclasses import replace
+
+import pytest
+
+from bot.engines import EngineError, check_adapter_folder
+from finetune.in_process import Cancelled, batch_order, padded_tokens, train_here
+from finetune.train import recipe_for
+from tests.scenario import FIVE_CORRECTIONS, PROFILE
+
+LEARNING = r"^the bot is learning from its corrections right now; back in about \d+ s$"
+WHO = [{"role": "user", "content": "Who are you?"}]
+STORY = [{"role": "user", "content": "Tell me a long story about a dragon who learns to cook."}]
+
+
+# ---------------------------------------------------------------- the order rows are trained in
+
+
+def mixed_lengths(n: int = 96, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.choice([rng.randint(20, 40), rng.randint(80, 120), rng.randint(180, 256)]) for _ in range(n)]
+
+
+def epochs_of(order: list[int], rows: int) -> list[list[int]]:
+    return [order[i:i + rows] for i in range(0, len(order), rows)]
+
+
+def test_every_epoch_trains_every_row_once_and_a_fraction_cuts_the_last():
+    lengths = mixed_lengths(50)
+    order = batch_order(lengths, batch_size=8, epochs=3, seed=1)
+    assert len(order) == 150
+    for epoch in epochs_of(order, 50):
+        assert sorted(epoch) == list(range(50))
+    partial = batch_order(lengths, batch_size=8, epochs=1.5, seed=1)
+    assert len(partial) == 75 and sorted(partial[:50]) == list(range(50))
+    assert len(set(partial[50:])) == 25, "the half epoch repeats no row"
+    assert partial == order[:75], "the cut epoch is the start of the whole one"
+
+
+def spans(lengths: list[int], order: list[int], batch: int) -> list[tuple[int, int]]:
+    return [(min(lengths[i] for i in order[s:s + batch]), max(lengths[i] for i in order[s:s + batch]))
+            for s in range(0, len(order), batch)]
+
+
+def groups_into_sorted_windows(batch_spans: list[tuple[int, int]], window: int) -> bool:
+    """Can the batches be dealt into windows of ``window`` batches whose length ranges do not overlap
+    (touching is fine: equal lengths)? True for sorted chunks of each window; random batches each span
+    nearly every length, so no two fit one window."""
+    groups: list[list[tuple[int, int]]] = []
+
+    def place(k: int) -> bool:
+        if k == len(batch_spans):
+            return True
+        lo, hi = batch_spans[k]
+        for group in groups:
+            if len(group) < window and all(h <= lo or hi <= l for l, h in group):
+                group.append(batch_spans[k])
+                if place(k + 1):
+                    return True
+                group.pop()
+        if len(groups) < -(-len(batch_spans) // window):
+            groups.append([batch_spans[k]])
+            if place(k + 1):
+                return True
+            groups.pop()
+        return False
+
+    return place(0)
+
+
+def test_one_window_is_the_rows_sorted_by_length_and_cut_into_batches():
+    """Rows as many as one window: every batch is a run of consecutive rows in length order."""
+    lengths = random.Random(2).sample(range(10, 400), 32)  # distinct lengths: one sorted order
+    by_length = sorted(range(32), key=lambda i: lengths[i])
+    chunks = {frozenset(by_length[i:i + 8]) for i in range(0, 32, 8)}
+    for seed in range(5):
+        order = batch_order(lengths, batch_size=8, epochs=1, seed=seed, window=4)
+        assert {frozenset(order[i:i + 8]) for i in range(0, 32, 8)} == chunks
+    orders = {tuple(batch_order(lengths, 8, 1, seed=seed, window=4)) for seed in range(5)}
+    assert len(orders) > 1, "the batches are not shuffled"
+
+
+def test_batches_are_length_sorted_chunks_of_their_window():
+    """96 rows, windows of 4 batches of 8: the 12 batches fall into 3 windows whose batches do not overlap in
+    length (each window sorted, then cut); with window=1 (plain shuffled batches) they do not."""
+    lengths = mixed_lengths(96)
+    for seed in range(3):
+        order = batch_order(lengths, batch_size=8, epochs=1, seed=seed, window=4)
+        assert sorted(order) == list(range(96))
+        assert groups_into_sorted_windows(spans(lengths, order, 8), 4), f"seed {seed}"
+        plain = batch_order(lengths, batch_size=8, epochs=1, seed=seed, window=1)
+        assert sorted(plain) == list(range(96))
+        assert not groups_into_sorted_windows(spans(lengths, plain, 8), 4), "window=1 sorted the rows too"
+
+
+def test_epochs_and_seeds_get_their_own_orders():
+    lengths = mixed_lengths(64)
+    first, second = epochs_of(batch_order(lengths, batch_size=8, epochs=2, seed=5), 64)
+    assert first != second, "the second epoch repeats the first's order"
+    assert {frozenset(first[i:i + 8]) for i in range(0, 64, 8)} != {frozenset(second[i:i + 8]) for i in range(0, 64, 8)}, \
+        "the second epoch has the same batches"
+    assert batch_order(lengths, 8, 1, seed=5) == first, "the same seed gives the same order"
+    assert batch_order(lengths, 8, 1, seed=6) != first
+
+
+def test_length_windows_cut_the_padding():
+    lengths = mixed_lengths(96)
+    windowed = padded_tokens(lengths, batch_order(lengths, 8, 2, seed=0, window=4), 8)
+    plain = padded_tokens(lengths, batch_order(lengths, 8, 2, seed=0, window=1), 8)
+    real = 2 * sum(lengths)
+    assert real < windowed < plain
+    assert (windowed - real) < 0.6 * (plain - real), f"padding {windowed - real} vs {plain - real} tokens"
+
+
+def test_padded_tokens_pads_each_batch_to_its_longest_row():
+    assert padded_tokens([10, 30, 20, 5, 7], [0, 1, 2, 3, 4], 2) == 2 * 30 + 2 * 20 + 1 * 7
+
+
+# ---------------------------------------------------------------- training for real, tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(embedded_model):
+    """This machine's CPU recipe (bf16 where the CPU has it), cut to one epoch of 16 rows in batches of 8."""
+    return replace(recipe_for(embedded_model, "cpu"), epochs=1, batch_size=8, grad_accum=1, replay_rows=0,
+                   max_templates=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory, tiny_recipe):
+    """16 ms-swift rows: the Aurora profile's five corrections under three system prompts, and one template."""
+    from finetune.dataset import build_dataset
+
+    corrections = [{"id": i, "question": c["question"], "corrected_answer": c["answer"]}
+                   for i, c in enumerate(FIVE_CORRECTIONS, 1)]
+    dataset = build_dataset(PROFILE, corrections, [], seed=0, **tiny_recipe.dataset_options())
+    assert len(dataset.rows) == 16
+    return dataset.write_swift(tmp_path_factory.mktemp("tiny-dataset") / "dataset.jsonl")
+
+
+@pytest.fixture(scope="module")
+def live_adapter(embedded_model, tmp_path_factory):
+    from tests.conftest import make_lora_adapter
+
+    return make_lora_adapter(embedded_model.path, tmp_path_factory.mktemp("live") / "v1", seed=3)
+
+
+def lora_b_trained(folder) -> bool:
+    """peft starts every lora_B at zero: any non-zero one means the steps changed the adapter."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    b = [t for name, t in tensors.items() if "lora_B" in name]
+    return bool(b) and any(t.abs().sum() > 0 for t in b)
+
+
+def steps_logged(out) -> list[str]:
+    lines = [json.loads(line) for line in (out / "logging.jsonl").read_text().splitlines()]
+    return [line["global_step/max_steps"] for line in lines if "loss" in line]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("live", [False, True], ids=["base", "live-adapter"])
+def test_training_on_the_serving_weights_pauses_chats_and_gives_the_weights_back(
+        live, embedded_model, live_adapter, tiny_dataset, tiny_recipe, tmp_path):
+    """train_weights="serving" (a 24 GB card, here on the CPU): a chat running when the retrain starts
+    finishes whole, new chats are told to come back, the trainer trains on these very weights, and after
+    the block the same greedy answers come back with the same live adapter; the new adapter loads."""
+    from bot.engines.local import LocalEngine
+
+    row = {"version": 1, "path": str(live_adapter)} if live else None
+    engine = LocalEngine(embedded_model, active_adapter=lambda: row, train_weights="serving", max_new_tokens=16)
+    try:
+        assert engine.trains_on_serving_weights and engine.adapter_version == (1 if live else None)
+        before, story = engine.generate([WHO])[0], engine.generate([STORY], max_new_tokens=120)[0]
+        reply = engine.stream(STORY, max_new_tokens=120)
+        pieces = iter(reply)
+        said = next(pieces)
+        assert reply.seconds is None, "the chat is still running when the retrain starts"
+        progress = []
+        with engine.pause_for_training(expected_s=60, lend=True) as lent:
+            assert reply.seconds is not None, "the weights were lent before the running chat finished"
+            said += "".join(pieces)
+            assert said.strip() == story and reply.error is None
+            assert lent is not None and lent.device == "cpu"
+            with pytest.raises(EngineError, match=LEARNING):
+                engine.stream(WHO)
+            with pytest.raises(EngineError, match=LEARNING):
+                engine.generate([WHO])
+            adapter = train_here(embedded_model, tiny_dataset, tmp_path / "train", tiny_recipe, lent=lent,
+                                 on_progress=lambda *p: progress.append(p))
+        assert adapter == tmp_path / "train" / "checkpoint-2"
+        check_adapter_folder(adapter, embedded_model)
+        assert lora_b_trained(adapter)
+        assert [p[0] for p in progress] == [0, 1, 2] and all(p[1] == 2 for p in progress)
+        assert steps_logged(tmp_path / "train") == ["1/2", "2/2"]
+        assert engine.generate([WHO])[0] == before, "the serving weights came back changed"
+        assert engine.adapter_version == (1 if live else None)
+        assert "".join(engine.stream(WHO)).strip() == before
+        candidate = engine.generate([WHO], adapter=adapter)[0]
+        assert isinstance(candidate, str) and candidate
+        assert engine.generate([WHO])[0] == before, "asking the candidate changed the live weights"
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("train_weights", ["copy", "auto"])
+def test_an_engine_that_keeps_its_weights_lends_nothing_and_keeps_answering(train_weights, embedded_model):
+    """On a CPU "auto" means a copy: the trainer loads its own, chats go on through the retrain."""
+    from bot.engines.local import LocalEngine
+
+    engine = LocalEngine(embedded_model, active_adapter=lambda: None, train_weights=train_weights, max_new_tokens=8)
+    try:
+        assert not engine.trains_on_serving_weights
+        before = engine.generate([WHO])[0]
+        with engine.pause_for_training(expected_s=60, lend=True) as lent:
+            assert lent is None
+            assert engine.generate([WHO])[0] == before
+            assert "".join(engine.stream(WHO)).strip() == before
+        with engine.pause_for_training(expected_s=60) as lent:  # lend=False: the worker trains
+            assert lent is None and engine.generate([WHO])[0] == before
+    finally:
+        engine.close()
+
+
+def test_train_weights_must_be_a_known_value(embedded_model):
+    from bot.engines.local import LocalEngine
+
+    with pytest.raises(EngineError, match="SELFCOG_TRAIN_WEIGHTS must be auto, serving or copy, not 'gpu'"):
+        LocalEngine(embedded_model, train_weights="gpu")
+
+
+@pytest.mark.slow
+def test_cancel_stops_after_the_step_and_the_lent_weights_come_back(embedded_model, tiny_dataset, tiny_recipe,
+                                                                     tmp_path):
+    """should_cancel() True after the first of two steps: Cancelled, no second step, no adapter saved, and the
+    engine answers as before (on the bare base: the live-adapter round trip is the test above's)."""
+    from bot.engines.local import LocalEngine
+
+    engine = LocalEngine(embedded_model, active_adapter=lambda: None, train_weights="serving", max_new_tokens=16)
+    try:
+        before = engine.generate([WHO])[0]
+        steps, asked = [], []
+
+        def cancel() -> bool:  # polled after every step: True from the first on
+            asked.append(len(steps))
+            return True
+
+        with pytest.raises(Cancelled):
+            with engine.pause_for_training(expected_s=60, lend=True) as lent:
+                train_here(embedded_model, tiny_dataset, tmp_path / "train", tiny_recipe, lent=lent,
+                           on_progress=lambda step, *_: steps.append(step), should_cancel=cancel)
+        assert len(asked) == 1, "asked once, after the first step"
+        assert steps == [0, 1] and steps_logged(tmp_path / "train") == ["1/2"], "it went on after the cancel"
+        assert not list((tmp_path / "train").glob("checkpoint-*")), "a cancelled training saved an adapter"
+        assert engine.generate([WHO])[0] == before and engine.adapter_version is None
+        assert "".join(engine.stream(WHO)).strip() == before
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+def test_cancel_on_a_copy_raises_too(embedded_model, tiny_dataset, tiny_recipe, tmp_path):
+    """lent=None (a copy loaded for the training): the same stop after the first step."""
+    steps = []
+    with pytest.raises(Cancelled):
+        train_here(embedded_model, tiny_dataset, tmp_path / "train", tiny_recipe,
+                   on_progress=lambda step, *_: steps.append(step), should_cancel=lambda: True)
+    assert steps == [0, 1] and steps_logged(tmp_path / "train") == ["1/2"]
+
+
+# ---------------------------------------------------------------- through the retrain pipeline
+
+
+@pytest.mark.slow
+def test_a_retrain_on_the_serving_weights_tells_chats_to_come_back(embedded_model, store, data_dir, cache_dir,
+                                                                   tiny_recipe, base_answers_cached, monkeypatch):
+    """run_retrain as `selfcog serve` runs it with SELFCOG_TRAIN_WEIGHTS=serving: while the run is in stage
+    "training" a chat (from another thread than the retrain's) gets the learning notice as the front ends
+    show it (a UserError, one line), nothing else; after the run chats are answered again."""
+    from bot.chat import ChatService
+    from bot.engines.local import LocalEngine
+    from bot.errors import UserError
+    from finetune.jobs import JobSettings, run_retrain
+
+    store.identity.set(name=PROFILE.name, author=PROFILE.author)
+    for c in FIVE_CORRECTIONS:
+        store.corrections.add(question=c["question"], corrected_answer=c["answer"], channel="import", status="approved")
+    earlier = store.runs.request("cli", "cli", claim=True)  # the last retrain trained 40 s: chats are told so
+    store.runs.finish(earlier["id"], "rejected", report={"phases": {"worker_start": 2.0, "training": 38.0}})
+    engine = LocalEngine(embedded_model, active_adapter=store.adapters.active, train_weights="serving",
+                         max_new_tokens=16)
+    try:
+        chat = ChatService(store, engine, max_new_tokens=16)
+        conversation = chat.conversation("web", chat_key="k", user="u")
+
+        # The retrain holds at its first progress report inside the training (the weights lent) until the
+        # chat below has been tried: no race with a training of a few seconds.
+        training, chatted = threading.Event(), threading.Event()
+        progress = store.runs.progress
+
+        def holding_progress(run_id, **fields):
+            progress(run_id, **fields)
+            if fields.get("stage") == "training" and fields.get("total_steps") and not training.is_set():
+                training.set()
+                chatted.wait(300)
+
+        monkeypatch.setattr(store.runs, "progress", holding_progress)
+        run = store.runs.request("web", "admin", claim=True)
+        outcome = {}
+
+        def retrain():
+            settings = JobSettings(data_dir, cache_dir, device="cpu", trainer="in-process")
+            outcome["report"] = run_retrain(run, store=store, engine=engine, model=embedded_model, settings=settings,
+                                            recipe=tiny_recipe)
+
+        thread = threading.Thread(target=retrain)
+        thread.start()
+        try:
+            assert training.wait(600), f"the run never trained: {store.runs.get(run['id'])}"
+            assert store.runs.get(run["id"])["stage"] == "training"
+            turn = chat.send(conversation, "Who are you?")
+            with pytest.raises(UserError) as refused:  # what the web page and the Telegram bot show, after a ⚠️
+                "".join(turn)
+            assert type(refused.value) is EngineError, refused.value
+            assert re.match(r"^the bot is learning from its corrections right now; back in about (3\d|40) s$",
+                            str(refused.value)), refused.value
+            with pytest.raises(EngineError, match=LEARNING):
+                engine.generate([WHO])
+        finally:
+            chatted.set()
+            thread.join(timeout=900)
+        assert "report" in outcome, "run_retrain raised (its traceback is above)"
+        report = outcome["report"]
+        assert report["status"] in ("promoted", "rejected"), report.get("reason")
+        assert {"dataset", "worker_start", "training", "evaluation"} <= set(report["phases"])
+        assert report["recipe"]["epochs"] == 1 and report["dataset"]["by_source"]["replay"] == 0
+        assert store.runs.get(run["id"])["status"] == report["status"]
+        answer = "".join(chat.send(conversation, "Who are you?"))
+        assert answer.strip(), "no answer after the retrain"
+    finally:
+        engine.close()
+
+
+# ---------------------------------------------------------------- bot/hardware.py
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-8"])
+def test_a_gpu_memory_cap_must_be_a_positive_number(value, monkeypatch):
+    from bot import hardware
+    from bot.errors import UserError
+
+    monkeypatch.setenv(hardware.GPU_MEMORY_ENV, value)
+    with pytest.raises(UserError, match=f"^SELFCOG_GPU_MEMORY_GB must be a number of GB above 0, not {value!r}$"):
+        hardware.gpu_memory_cap_gb()
+
+
+def test_a_gpu_memory_cap_is_read_in_gb_and_unset_means_the_whole_card(monkeypatch):
+    from bot import hardware
+
+    monkeypatch.delenv(hardware.GPU_MEMORY_ENV, raising=False)
+    assert hardware.gpu_memory_cap_gb() is None
+    monkeypatch.setenv(hardware.GPU_MEMORY_ENV, " 23.5 ")
+    assert hardware.gpu_memory_cap_gb() == 23.5
+    hardware.apply_gpu_memory_cap("cpu")  # nothing to cap on a CPU (and no CUDA here to ask)
