@@ -7,6 +7,7 @@
 | SELFCOG_DB_TIMEOUT_S             | 15          | how long a write waits for another process's lock       |
 | SELFCOG_MODEL                    | embedded    | 'embedded' (SmolLM2-135M-Instruct), a local HF folder or hub id |
 | SELFCOG_DEVICE                   | auto        | cuda when present, else cpu                                 |
+| SELFCOG_DTYPE                    | auto        | the engine's weights: bf16 on a GPU, fp32 on a CPU; bf16 / fp32 / fp16 asks |
 | SELFCOG_HOST / SELFCOG_PORT      | 127.0.0.1 / 7860 | where the web page listens                             |
 | SELFCOG_ADMIN_PASSWORD           | (unset)     | admin page password; unset = a one-time token printed at start |
 | TELEGRAM_BOT_TOKEN               | (unset)     | runs the Telegram bot when set                              |
@@ -71,6 +72,7 @@ class Settings:
     db_timeout_s: float = 15.0
     model: str = "embedded"
     device: str = "auto"
+    dtype: str = "auto"
     host: str = "127.0.0.1"
     port: int = 7860
     admin_password: str | None = None
@@ -106,6 +108,8 @@ class Settings:
             db_timeout_s=number("SELFCOG_DB_TIMEOUT_S", "15", high=24 * 3600),
             model=get("SELFCOG_MODEL", "embedded"),
             device=get("SELFCOG_DEVICE", "auto"),
+            dtype=_parse(env, "SELFCOG_DTYPE", "auto", str.lower, "auto, bf16, fp16 or fp32",
+                         lambda v: v in ("auto", "bf16", "fp16", "fp32")),
             host=get("SELFCOG_HOST", "127.0.0.1"),
             port=whole("SELFCOG_PORT", "7860", 1, 65535),
             admin_password=get("SELFCOG_ADMIN_PASSWORD") or None,

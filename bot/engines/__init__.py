@@ -184,7 +184,7 @@ def make_engine(settings, model, *, active_adapter: Callable[[], dict | None] | 
     if backend == "local":
         from bot.engines.local import LocalEngine
 
-        return LocalEngine(model, active_adapter=active_adapter, device=settings.device,
+        return LocalEngine(model, active_adapter=active_adapter, device=settings.device, dtype=settings.dtype,
                            max_new_tokens=settings.max_new_tokens, train_weights=settings.train_weights)
     if backend == "vllm":  # a vLLM server selfcog starts on loopback and looks after
         from bot.engines.openai import managed_vllm

@@ -71,6 +71,13 @@ from bot.models import ModelNotFound, ResolvedModel  # noqa: E402
 log = logging.getLogger(__name__)
 
 
+# bf16 serving on a CPU with bf16 instructions evaluates 1.7x faster (260 answers: 38 s instead of 66 s, AMD
+# EPYC, 2 cores) and scores an adapter alike (tests/finetune/test_bf16.py), but the base's bf16 answers become
+# the replay rows, and a retrain on them was refused for lost facts (12/15 against the base's 15, dataset seed 2;
+# RECIPES.md, "In-process training"). Off until the gate passes 9 of 10 seeds that way; SELFCOG_DTYPE=bf16 asks.
+BF16_ON_CPUS_THAT_HAVE_IT = False
+
+
 class LocalEngine:
     """transformers + peft in this process, with a continuous-batching scheduler. See the module docstring."""
 
@@ -80,7 +87,7 @@ class LocalEngine:
                  batch_size: int | None = None, cuda_graphs: bool = True, train_weights: str = "auto"):
         """batch_size: how many replies decode together (cache slots); None = up to 64, as memory allows.
         merge=False keeps LoRA unmerged (transformers' own forward, one reply at a time: slow, for debugging).
-        dtype "auto": bf16 on a GPU, and on a CPU with bf16 instructions (cpu_has_fast_bf16), else fp32.
+        dtype "auto": bf16 on a GPU, fp32 on a CPU (see BF16_ON_CPUS_THAT_HAVE_IT).
         train_weights: "serving" lends these weights to an in-process trainer (pause_for_training), "copy"
         never does, "auto" = serving on a GPU (no second copy of a 7B model; chats wait a few seconds)."""
         if not log.isEnabledFor(logging.INFO):
@@ -91,9 +98,7 @@ class LocalEngine:
         self._active_adapter = active_adapter
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         if dtype == "auto":
-            # bf16 on a CPU that has bf16 instructions: an evaluation's 260 answers took 55 s instead of 91 s
-            # (AMD EPYC, 2 cores); without them torch emulates bf16, slower than fp32.
-            dtype = "bf16" if self.device.startswith("cuda") or cpu_has_fast_bf16() else "fp32"
+            dtype = "bf16" if self.device.startswith("cuda") or (BF16_ON_CPUS_THAT_HAVE_IT and cpu_has_fast_bf16()) else "fp32"
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         self.precision = dtype  # part of the key of every cached answer: bf16 and fp32 answers differ a little
         if train_weights not in ("auto", "serving", "copy"):

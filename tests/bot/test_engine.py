@@ -218,10 +218,10 @@ def test_make_engine_picks_the_configured_backend(embedded_model):
         assert not engine.trains_on_serving_weights, "auto on a CPU: training takes a copy"
     finally:
         engine.close()
-    engine = make_engine(Settings(device="cpu", max_new_tokens=8, train_weights="serving"), embedded_model,
-                         active_adapter=lambda: None)
+    engine = make_engine(Settings(device="cpu", dtype="bf16", max_new_tokens=8, train_weights="serving"),
+                         embedded_model, active_adapter=lambda: None)
     try:
-        assert engine.trains_on_serving_weights
+        assert engine.trains_on_serving_weights and engine.precision == "bf16"  # SELFCOG_DTYPE reaches it
     finally:
         engine.close()
 
@@ -234,12 +234,21 @@ def test_serve_passes_the_trainer_setting_to_the_retrain_runner():
     assert job_settings(Settings.from_env({"SELFCOG_TRAINER": "worker"})).trainer == "worker"
 
 
-def test_auto_precision_is_bf16_where_the_cpu_has_bf16_instructions(embedded_model, monkeypatch):
-    """dtype "auto" on a CPU: bf16 with AVX512-BF16/AMX (faster), fp32 without (torch would emulate bf16)."""
+def test_auto_precision_on_a_cpu_is_fp32_and_bf16_only_where_switched_on_and_the_flags_offer_it(embedded_model,
+                                                                                                  monkeypatch):
+    """dtype "auto" on a CPU: fp32 (bf16 serving is off: its replay rows cost a seed its facts); switched on,
+    bf16 with AVX512-BF16/AMX, fp32 without (torch would emulate bf16)."""
     import torch
 
     from bot.engines import local
 
+    monkeypatch.setattr(local, "cpu_has_fast_bf16", lambda flags=None: True)
+    engine = local.LocalEngine(embedded_model, active_adapter=lambda: None, device="cpu", max_new_tokens=4)
+    try:
+        assert (engine.precision, engine._weights.model.dtype) == ("fp32", torch.float32)
+    finally:
+        engine.close()
+    monkeypatch.setattr(local, "BF16_ON_CPUS_THAT_HAVE_IT", True)
     for fast, expected in ((True, ("bf16", torch.bfloat16)), (False, ("fp32", torch.float32))):
         monkeypatch.setattr(local, "cpu_has_fast_bf16", lambda flags=None, fast=fast: fast)
         engine = local.LocalEngine(embedded_model, active_adapter=lambda: None, device="cpu", max_new_tokens=4)
