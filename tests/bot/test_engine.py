@@ -257,3 +257,31 @@ def test_auto_precision_on_a_cpu_is_fp32_and_bf16_only_where_switched_on_and_the
             assert engine.generate([[{"role": "user", "content": "Hi"}]])[0]
         finally:
             engine.close()
+
+
+def test_bf16_weights_are_bit_for_bit_the_same_after_many_swaps(embedded_model, random_adapters):
+    """In bf16, W + delta - delta is not W: unmerging by subtraction moved the weights a rounding step per swap
+    (after five candidates a greedy answer of the base had changed). The weights as loaded come back exactly."""
+    import torch
+
+    from bot.engines.local import LocalEngine
+
+    live = {"version": 1, "path": str(random_adapters[0])}
+    engine = LocalEngine(embedded_model, active_adapter=lambda: live, device="cpu", dtype="bf16", max_new_tokens=8)
+    try:
+        assert engine.adapter_version == 1
+
+        def weights():
+            return {name: p.detach().clone() for name, p in engine.base.named_parameters() if "lora_" not in name}
+
+        merged, answer = weights(), engine.generate([QUESTION])[0]
+        base = engine.generate([QUESTION], adapter=AdapterRef.BASE)[0]
+        for _ in range(5):
+            engine.generate([QUESTION], adapter=random_adapters[1])  # unmerge live, merge the candidate, and back
+            engine.generate([QUESTION], adapter=AdapterRef.BASE)
+        assert engine.generate([QUESTION])[0] == answer  # LIVE in place again (an idle engine puts it back anyway)
+        after = weights()
+        assert all(torch.equal(merged[name], after[name]) for name in merged), "the live weights drifted"
+        assert engine.generate([QUESTION], adapter=AdapterRef.BASE)[0] == base
+    finally:
+        engine.close()
