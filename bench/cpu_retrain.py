@@ -1,19 +1,21 @@
-"""Trigger -> evaluated adapter live on this CPU, embedded default: the retrain path before issue 14 vs now.
+"""Trigger -> evaluated adapter live on this CPU, embedded default: the worker (the default) vs two faster paths.
 
-    python -m bench.cpu_retrain           # part of `make bench`: two real retrains, ~10 minutes on 2 idle cores
+    python -m bench.cpu_retrain           # part of `make bench`: three real retrains, ~15 minutes on 2 idle cores
     python -m bench.cpu_retrain --quick   # one epoch at twice the rate (half the steps), same comparison
     python -m bench.cpu_retrain --only in-process
 
-Both paths run the same real retrain in this process, one after the other, each in a fresh data dir:
+Every path runs the same real retrain in this process, one after the other, each in a fresh data dir:
 ms-swift LoRA on SmolLM2-135M with the default recipe, the Aurora profile and five approved
-corrections, then the evaluation and gate, then the swap into the serving engine. Both start with what
+corrections, then the evaluation and gate, then the swap into the serving engine. Each starts with what
 a running `selfcog serve` already has: the base model's general answers and its evaluation report
 (cached per base model and precision; what they cost the first time is reported too).
 
 - worker (what landed before): a warm worker process runs `swift sft` (random batches); the engine
   and training compute in fp32;
-- in-process: ms-swift's trainer in the serving process on its own copy of the weights, batches by
-  length, logits only where trained, bf16 in training and serving where the CPU has bf16 instructions.
+- in-process: ms-swift's trainer in the serving process on its own copy of the weights, bf16 autocast
+  in training and bf16 serving where the CPU has bf16 instructions;
+- bf16-engine: the worker as before, beside an engine that serves and evaluates in bf16.
+The first is what `auto` does on a CPU; RECIPES.md ("In-process training") says why the others are not.
 
 Phase times are the run report's (dataset, worker start, training, evaluation, swap); trigger -> live is
 the wall time of the whole retrain, the swap included. Writes bench/out/cpu_retrain.json.
