@@ -305,8 +305,12 @@ def test_identity_and_schedule_are_saved_and_the_chat_shows_the_new_name(open_pa
 
     admin_tab(page, "Schedule")
     expect(page.locator("#schedule-message")).to_contain_text("the server's setting")
-    page.locator("#schedule-hours input").fill("6")
-    page.locator("#schedule-min input").fill("3")
+    # Gradio's Number sends its value on change (blur): press Tab after typing, as a person leaves a field,
+    # or a quick click can save what the field held before (seen once in CI: "the interval is a number ...").
+    for field, value in (("#schedule-hours input", "6"), ("#schedule-min input", "3")):
+        page.locator(field).fill(value)
+        page.locator(field).press("Tab")
+        expect(page.locator(field)).to_have_value(value)
     page.locator("#schedule-save").click()
     expect(page.locator("#schedule-message")).to_contain_text("retrain every 6 h once 3 new corrections")
     assert served.admin.schedule() == {"retrain_every_hours": 6.0, "retrain_min_corrections": 3}
