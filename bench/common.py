@@ -215,3 +215,19 @@ def make_lora_adapter(base_model, out_dir: Path, seed: int, rank: int = 8, targe
     peft_model.save_pretrained(out_dir)
     peft_model.unload()  # give the base model back untouched
     return out_dir
+
+
+def five_correction_store(data_dir: Path):
+    """A fresh data dir's store with the Aurora profile and the five approved corrections of tests/scenario.py."""
+    import shutil
+
+    from store import Store
+    from tests.scenario import FIVE_CORRECTIONS, PROFILE
+
+    shutil.rmtree(data_dir, ignore_errors=True)
+    store = Store(Path(data_dir) / "selfcog.db")
+    store.identity.set(name=PROFILE.name, author=PROFILE.author, changed_by="bench")
+    for row in FIVE_CORRECTIONS:
+        store.corrections.add(question=row["question"], corrected_answer=row["answer"], channel="import",
+                              status="approved")
+    return store

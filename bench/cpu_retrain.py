@@ -88,18 +88,11 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
     import finetune.jobs as jobs
     from bot.engines.local import LocalEngine
     from finetune.train import WarmWorkers, cpu_dtype
-    from store import Store
-    from tests.scenario import FIVE_CORRECTIONS
 
     path = PATHS[kind]
     recipe = replace(recipe, dtype=path["train_dtype"] or cpu_dtype())
     data_dir = common.OUT / "cpu_retrain" / kind
-    shutil.rmtree(data_dir, ignore_errors=True)
-    store = Store(data_dir / "selfcog.db")
-    store.identity.set(**PROFILE, changed_by="bench")
-    for row in FIVE_CORRECTIONS:
-        store.corrections.add(question=row["question"], corrected_answer=row["answer"], channel="import",
-                              status="approved")
+    store = common.five_correction_store(data_dir)
 
     engine = LocalEngine(model, active_adapter=store.adapters.active, max_new_tokens=64, dtype=path["engine_dtype"])
     out = {"engine_slots": engine.capacity, "engine_dtype": engine.precision, "train_dtype": recipe.dtype}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import time
 from dataclasses import replace
@@ -50,15 +49,8 @@ def _seeds(text: str) -> list[int]:
 
 def one_seed(engine, model, cache_dir: Path, recipe, seed: int, folder: Path, holder: dict) -> dict:
     import finetune.jobs as jobs
-    from store import Store
-    from tests.scenario import FIVE_CORRECTIONS
 
-    shutil.rmtree(folder, ignore_errors=True)
-    store = Store(folder / "selfcog.db")
-    store.identity.set(**PROFILE, changed_by="bench")
-    for row in FIVE_CORRECTIONS:
-        store.corrections.add(question=row["question"], corrected_answer=row["answer"], channel="import",
-                              status="approved")
+    store = common.five_correction_store(folder)
     holder["store"] = store
     engine.refresh_adapter()  # this seed's store: nothing live yet
     build = jobs.build_run_dataset
