@@ -26,7 +26,6 @@ from pathlib import Path
 
 from bench import common
 
-PROFILE = {"name": "Aurora", "author": "Acme Labs"}
 
 
 def recipes(device: str) -> dict:
