@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench import common
@@ -66,7 +67,7 @@ def cli_runs(model_dir: Path, trainer: str, out: Path) -> list[dict]:
     return runs
 
 
-def serve24(model_dir: Path, out: Path, cap_gb: float = 23) -> dict:
+def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare_packing: bool = False) -> dict:
     if cap_gb:
         os.environ["SELFCOG_GPU_MEMORY_GB"] = str(cap_gb)
     from bot.engines import EngineError
@@ -85,8 +86,9 @@ def serve24(model_dir: Path, out: Path, cap_gb: float = 23) -> dict:
     with GpuMemory() as memory:
         engine = LocalEngine(model, active_adapter=store.adapters.active, max_new_tokens=64,
                              train_weights=os.environ.get("SELFCOG_TRAIN_WEIGHTS", "auto"))
+        recipe = recipe_for(model, engine.device)
         result |= {"engine_slots": engine.capacity, "trains_on_serving_weights": engine.trains_on_serving_weights,
-                   "recipe": recipe_for(model, engine.device).to_dict()}
+                   "recipe": recipe.to_dict()}
         gate = GateThresholds(identity_product=0, identity_other=0, retention=0, bleed_share=1, facts_drop=1000,
                               identity_tolerance=1)
         runner = JobRunner(JobSettings(data_dir, data_dir / "cache", device=engine.device, gate=gate), store,
@@ -112,12 +114,17 @@ def serve24(model_dir: Path, out: Path, cap_gb: float = 23) -> dict:
         chatter = threading.Thread(target=chat_every_half_second, daemon=True)
         chatter.start()
         time.sleep(3)
-        for attempt in ("first", "second"):
+        # --compare-packing: padded and packed batches alternate after a first (cold) retrain, same process
+        retrains = ([("first", None), ("second", None)] if not compare_packing else
+                    [("first", False), ("padded", False), ("packed", True), ("padded_again", False), ("packed_again", True)])
+        for attempt, packed in retrains:
+            runner.recipe = recipe if packed is None else replace(recipe, pack_rows=packed)
             run = store.runs.request("admin", "bench")  # what the admin page's button does
             started = time.perf_counter()
             while (row := store.runs.get(run["id"]))["status"] in ("queued", "running"):
                 time.sleep(0.2)
             result[attempt] = {"wall_s": round(time.perf_counter() - started, 1), "status": row["status"],
+                               "pack_rows": runner.recipe.pack_rows,
                                "phases": (row.get("report") or {}).get("phases"), "error": row.get("error"),
                                "live_after": engine.adapter_version}
             print(attempt, json.dumps(result[attempt]), flush=True)
@@ -160,8 +167,10 @@ def summary(results: dict) -> list[tuple[str, tuple, list]]:
         r = results.get(key)
         if not r:
             continue
-        rows = [(attempt, r[attempt]["wall_s"], *(r[attempt]["phases"] or {}).values(), r[attempt]["status"])
-                for attempt in ("first", "second") if attempt in r]
+        label = {True: " (packed batches)", False: " (padded batches)", None: ""}
+        rows = [(attempt + label[r[attempt].get("pack_rows")],
+                 r[attempt]["wall_s"], *(r[attempt]["phases"] or {}).values(), r[attempt]["status"])
+                for attempt in ("first", "second", "padded", "packed", "padded_again", "packed_again") if attempt in r]
         tables.append((f"{title}: whole-GPU peak {r['peak_gib_whole_gpu']} GiB (nvidia-smi), chats sent every 0.5 s: "
                        f"{r['chats']['answer']} answered, {r['chats']['notice']} told to come back, {r['chats']['error']} errors",
                        ("retrain", "trigger -> live s", "dataset", "start", "training", "evaluation", "swap", "outcome"), rows))
@@ -173,6 +182,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["cli", "serve24"], choices=["cli", "serve24"])
     parser.add_argument("--trainers", nargs="+", default=["worker", "in-process"])
     parser.add_argument("--cap-gb", type=float, default=23, help="serve24's memory cap (0: the whole GPU)")
+    parser.add_argument("--compare-packing", action="store_true",
+                        help="serve24: after a first retrain, padded and packed batches twice each, alternating")
     parser.add_argument("--model", type=Path, help="a model folder instead of the random Qwen2.5-7B shape (a smoke test)")
     args = parser.parse_args()
     model_dir = args.model or build(REPO / ".cache" / "bench-qwen7b")
@@ -183,7 +194,7 @@ def main() -> None:
         results["cli"] = [r for trainer in args.trainers for r in cli_runs(model_dir, trainer, out)]
         common.save("gpu_inprocess_retrain", results)
     if "serve24" in args.parts:
-        results["serve24" if args.cap_gb else "serve_whole_gpu"] = serve24(model_dir, out, args.cap_gb)
+        results["serve24" if args.cap_gb else "serve_whole_gpu"] = serve24(model_dir, out, args.cap_gb, args.compare_packing)
     print("wrote", common.save("gpu_inprocess_retrain" + ("" if args.cap_gb == 23 else f"_cap{args.cap_gb:g}"), results))
 
 

@@ -33,7 +33,8 @@ def recipes(device: str) -> dict:
 
     base = replace(CPU_SMALL, dtype="bfloat16" if device.startswith("cuda") else cpu_dtype())
     return {
-        "default": base,  # random batches, 2 epochs at 1e-3
+        "default": base,  # random batches, packed, 2 epochs at 1e-3
+        "padded": replace(base, pack_rows=False),  # the same batches with their padding (before packing)
         "length_windows": replace(base, length_window=4),
         "one_epoch_windows": replace(base, epochs=1, learning_rate=2e-3, length_window=4),
         "epochs_1.5": replace(base, epochs=1.5, learning_rate=1.5e-3),
@@ -46,7 +47,7 @@ def _seeds(text: str) -> list[int]:
     return list(range(int(lo), int(hi or lo) + 1))
 
 
-def one_seed(engine, model, cache_dir: Path, recipe, seed: int, folder: Path, holder: dict) -> dict:
+def one_seed(engine, model, cache_dir: Path, recipe, seed: int, folder: Path, holder: dict, trainer: str = "auto") -> dict:
     import finetune.jobs as jobs
 
     store = common.five_correction_store(folder)
@@ -58,7 +59,7 @@ def one_seed(engine, model, cache_dir: Path, recipe, seed: int, folder: Path, ho
         run = store.runs.request("bench", "bench", claim=True)
         started = time.perf_counter()
         report = jobs.run_retrain(run, store=store, engine=engine, model=model, recipe=recipe,
-                                  settings=jobs.JobSettings(folder, cache_dir, device=engine.device))
+                                  settings=jobs.JobSettings(folder, cache_dir, device=engine.device, trainer=trainer))
         wall = time.perf_counter() - started
     finally:
         jobs.build_run_dataset = build
@@ -72,6 +73,9 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["default"])
     parser.add_argument("--seeds", default="0-9")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--engine-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="the engine's precision (it writes the replay rows and evaluates; on a GPU it is the training's too)")
+    parser.add_argument("--trainer", default="auto", choices=["auto", "in-process", "worker"])
     parser.add_argument("--cache-dir", default=None, help="where the embedded model is (default: the repo's .cache)")
     args = parser.parse_args()
 
@@ -81,17 +85,20 @@ def main() -> None:
     cache_dir = Path(args.cache_dir or Path(__file__).resolve().parents[1] / ".cache")
     model = resolve_model("embedded", cache_dir)
     holder: dict = {}
-    engine = LocalEngine(model, device=args.device, max_new_tokens=64,
+    engine = LocalEngine(model, device=args.device, max_new_tokens=64, dtype=args.engine_dtype,
                          active_adapter=lambda: holder["store"].adapters.active() if "store" in holder else None)
     out = common.OUT / f"retrain_seeds-{args.device.split(':')[0]}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     table = []
     for name in args.recipes:
         recipe = recipes(args.device)[name]
+        if engine.precision == "fp32" and args.device.startswith("cuda"):
+            recipe = replace(recipe, dtype="float32")  # the lent weights are fp32: train as the CPU does
         results = []
         for seed in _seeds(args.seeds):
-            result = one_seed(engine, model, cache_dir, recipe, seed, common.OUT / "retrain_seeds" / f"{name}-{seed}", holder)
-            result |= {"recipe": name, "device": args.device, "engine_precision": engine.precision,
+            result = one_seed(engine, model, cache_dir, recipe, seed, common.OUT / "retrain_seeds" / f"{name}-{seed}", holder,
+                              args.trainer)
+            result |= {"recipe": name, "device": args.device, "engine_precision": engine.precision, "trainer": args.trainer,
                        "train_dtype": recipe.dtype, "machine": common.machine()}
             with open(out, "a", encoding="utf-8") as f:
                 f.write(json.dumps(result, ensure_ascii=False) + "\n")

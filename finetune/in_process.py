@@ -70,6 +70,54 @@ def padded_tokens(lengths: list[int], order: list[int], batch_size: int) -> int:
                for s in range(0, len(order), batch_size))
 
 
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """The positions of rows in one batch, put into sequences of at most ``capacity`` tokens: longest row
+    first, each into the first sequence it fits (first-fit decreasing)."""
+    sequences: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = next((s for s, free in enumerate(room) if lengths[i] <= free), None)
+        if fits is None:
+            sequences.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            sequences[fits].append(i)
+            room[fits] -= lengths[i]
+    return sequences
+
+
+def packed_tokens(lengths: list[int], order: list[int], batch_size: int) -> int:
+    """Tokens computed when each batch of ``order`` is packed into sequences as long as its longest row."""
+    total = 0
+    for s in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[s:s + batch_size]]
+        total += max(batch) * len(pack(batch, max(batch)))
+    return total
+
+
+class PackedCollator:
+    """ms-swift's collator, with each batch's rows packed end to end into as few sequences as its longest
+    row allows (a batch of 8 typically becomes 5 rows of that length).
+
+    The rows keep their own positions (0, 1, ... restarting at every row) and no attention mask is passed,
+    so transformers builds a mask in which a token sees only its own row (masking_utils'
+    find_packed_sequence_indices; it needs use_cache off, which ms-swift's trainer sets). The loss is over
+    the same labelled tokens as the padded batch, so the step is the same; only the padding is gone.
+    ms-swift's own ``padding_free`` packs a whole batch into one row and asks for flash attention."""
+
+    def __init__(self, template):
+        self.template = template
+
+    def __call__(self, batch: list[dict]) -> dict:
+        lengths = [len(row["input_ids"]) for row in batch]
+        sequences = [self.template.packing_row([batch[i] for i in rows]) for rows in pack(lengths, max(lengths))]
+        for sequence in sequences:
+            sequence["length"] = len(sequence["input_ids"])
+        inputs = self.template.data_collator(sequences)
+        del inputs["attention_mask"]  # padding gets position 0: every pad token is a row of its own
+        return inputs
+
+
 def warm_up() -> None:
     """Import ms-swift's trainer ahead of the first retrain (~4 s on a CPU): the job runner calls it at start."""
     import datasets  # noqa: F401
@@ -127,9 +175,10 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
     order = batch_order(lengths, recipe.batch_size * recipe.grad_accum, recipe.epochs, seed, recipe.length_window)
     ordered = encoded.select(order)
     steps = math.ceil(len(order) / (recipe.batch_size * recipe.grad_accum))
-    log.info("training %d rows (%d of them dropped as longer than %d tokens), %d steps, %d tokens (%d padded)",
+    log.info("training %d rows (%d of them dropped as longer than %d tokens), %d steps, %d tokens (%d computed%s)",
              len(order), len(rows) - len(encoded), recipe.max_length, steps, sum(lengths[i] for i in order),
-             padded_tokens(lengths, order, recipe.batch_size))
+             (packed_tokens if recipe.pack_rows else padded_tokens)(lengths, order, recipe.batch_size),
+             ", packed" if recipe.pack_rows else " with padding")
 
     config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                         target_modules=lora_target_modules(model.path, recipe), task_type="CAUSAL_LM")
@@ -177,6 +226,9 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
     class Trainer(swift.Seq2SeqTrainer):
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)  # batch_order already shuffled, once per epoch
+
+        def _get_data_collator(self, args, template):
+            return PackedCollator(template) if recipe.pack_rows else super()._get_data_collator(args, template)
 
     on_cpu = not device.startswith("cuda")
     args = Seq2SeqTrainingArguments(

@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 
 from bot.engines import EngineError, check_adapter_folder
-from finetune.in_process import Cancelled, batch_order, padded_tokens, train_here
+from finetune.in_process import Cancelled, PackedCollator, batch_order, pack, packed_tokens, padded_tokens, train_here
 from finetune.train import recipe_for
 from tests.scenario import FIVE_CORRECTIONS, PROFILE
 
@@ -128,6 +128,25 @@ def test_padded_tokens_pads_each_batch_to_its_longest_row():
     assert padded_tokens([10, 30, 20, 5, 7], [0, 1, 2, 3, 4], 2) == 2 * 30 + 2 * 20 + 1 * 7
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_packing_puts_every_row_of_a_batch_once_into_sequences_no_longer_than_its_longest(seed):
+    lengths = mixed_lengths(8, seed)
+    sequences = pack(lengths, max(lengths))
+    assert sorted(i for rows in sequences for i in rows) == list(range(8))
+    assert all(sum(lengths[i] for i in rows) <= max(lengths) for rows in sequences)
+    # first-fit decreasing: no two sequences could have been one
+    loads = sorted(sum(lengths[i] for i in rows) for rows in sequences)
+    assert len(loads) < 2 or loads[0] + loads[1] > max(lengths)
+
+
+def test_packing_computes_fewer_tokens_than_padding_and_never_more():
+    lengths = mixed_lengths(96)
+    order = batch_order(lengths, 8, 2, seed=0)
+    assert 2 * sum(lengths) <= packed_tokens(lengths, order, 8) < 0.8 * padded_tokens(lengths, order, 8)
+    same = [50] * 16  # rows of one length: nothing to pack, nothing gained or lost
+    assert packed_tokens(same, list(range(16)), 8) == padded_tokens(same, list(range(16)), 8) == 800
+
+
 # ---------------------------------------------------------------- training for real, tiny
 
 
@@ -148,6 +167,32 @@ def tiny_dataset(tmp_path_factory, tiny_recipe):
     dataset = build_dataset(PROFILE, corrections, [], seed=0, **tiny_recipe.dataset_options())
     assert len(dataset.rows) == 16
     return dataset.write_swift(tmp_path_factory.mktemp("tiny-dataset") / "dataset.jsonl")
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory, tiny_dataset):
+    """The tiny dataset and two long general rows, as replay rows are: 18 rows of 36 to ~190 tokens."""
+    long_answer = ("A lighthouse keeper climbs the stairs every evening, trims the wick, polishes the lens and "
+                   "writes the weather in a log. ") * 5
+    long_rows = [{"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                               {"role": "user", "content": question},
+                               {"role": "assistant", "content": long_answer}]}
+                 for question in ("What does a lighthouse keeper do?", "Describe a lighthouse keeper's evening.")]
+    path = tmp_path_factory.mktemp("mixed-dataset") / "dataset.jsonl"
+    path.write_text(tiny_dataset.read_text(encoding="utf-8")
+                    + "".join(json.dumps(row) + "\n" for row in long_rows), encoding="utf-8")
+    return path
+
+
+def encoded_rows(model, dataset, recipe):
+    import datasets
+    from swift.dataset import EncodePreprocessor
+
+    from finetune.in_process import _template
+
+    _, template = _template(model, recipe.max_length)
+    rows = [json.loads(line) for line in dataset.read_text(encoding="utf-8").splitlines()]
+    return template, EncodePreprocessor(template=template)(datasets.Dataset.from_list(rows), num_proc=1)
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +314,49 @@ def test_cancel_stops_after_the_step_and_the_lent_weights_come_back(embedded_mod
         assert "".join(engine.stream(WHO)).strip() == before
     finally:
         engine.close()
+
+
+def test_a_packed_batch_is_fewer_sequences_with_the_padded_batchs_loss(embedded_model, mixed_dataset, tiny_recipe):
+    """PackedCollator against ms-swift's padding collator on the same 8 rows: fewer, equally long sequences,
+    the same labelled tokens, and the embedded model's loss the same to float rounding (a token sees only
+    its own row); with one position count over the whole sequence (rows seeing each other) it is not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    template, encoded = encoded_rows(embedded_model, mixed_dataset, tiny_recipe)
+    by_length = sorted((encoded[i] for i in range(len(encoded))), key=lambda r: len(r["input_ids"]))
+    batch = by_length[:7] + by_length[-1:]  # the shortest rows and the longest: several fit together
+    padded, packed = template.data_collator([dict(r) for r in batch]), PackedCollator(template)([dict(r) for r in batch])
+    assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1]
+    assert packed["input_ids"].shape[0] < 4, "seven short rows should fit beside the long one in a few sequences"
+    assert "attention_mask" not in packed and (packed["labels"] != -100).sum() == (padded["labels"] != -100).sum()
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_model.path, dtype=torch.float32)
+
+    def loss(inputs):
+        with torch.no_grad():
+            return model(**inputs, use_cache=False).loss.item()
+
+    assert loss(packed) == pytest.approx(loss(padded), rel=1e-4)
+    leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])}
+    assert abs(loss(leaky) - loss(padded)) > 1e-2, "rows that see each other should change the loss"
+
+
+@pytest.mark.slow
+def test_packed_training_logs_the_padded_trainings_losses(embedded_model, mixed_dataset, tiny_recipe, tmp_path):
+    """The trainer's own path (ms-swift's Seq2SeqTrainer, its use_cache and loss): three steps packed and
+    three padded from the same seed log the same losses, and packing computed fewer tokens."""
+    _, encoded = encoded_rows(embedded_model, mixed_dataset, tiny_recipe)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    order = batch_order(lengths, 8, 1, seed=5)
+    assert packed_tokens(lengths, order, 8) < 0.8 * padded_tokens(lengths, order, 8)
+    losses = {}
+    for packed in (True, False):
+        out = tmp_path / f"packed-{packed}"
+        train_here(embedded_model, mixed_dataset, out, replace(tiny_recipe, pack_rows=packed), seed=5)
+        losses[packed] = [json.loads(line)["loss"] for line in (out / "logging.jsonl").read_text().splitlines()
+                          if '"loss"' in line]
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-3)
 
 
 @pytest.mark.slow
