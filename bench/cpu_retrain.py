@@ -1,21 +1,21 @@
-"""Trigger -> evaluated adapter live on this CPU, embedded default: the worker (the default) vs two faster paths.
+"""Trigger -> evaluated adapter live on this CPU, embedded default: the worker (before) vs in process (now).
 
-    python -m bench.cpu_retrain           # part of `make bench`: three real retrains, ~15 minutes on 2 idle cores
+    python -m bench.cpu_retrain           # part of `make bench`: three real retrains, ~13 minutes on 2 idle cores
     python -m bench.cpu_retrain --quick   # one epoch at twice the rate (half the steps), same comparison
     python -m bench.cpu_retrain --only in-process
 
 Every path runs the same real retrain in this process, one after the other, each in a fresh data dir:
-ms-swift LoRA on SmolLM2-135M with the default recipe, the Aurora profile and five approved
-corrections, then the evaluation and gate, then the swap into the serving engine. Each starts with what
-a running `selfcog serve` already has: the base model's general answers and its evaluation report
-(cached per base model and precision; what they cost the first time is reported too).
+ms-swift LoRA on SmolLM2-135M, the Aurora profile and five approved corrections, then the evaluation and
+gate, then the swap into the serving engine. Each starts with what a running `selfcog serve` already has:
+the base model's general answers and its evaluation report (cached per base model and precision; what
+they cost the first time is reported too).
 
-- worker (what landed before): a warm worker process runs `swift sft` (random batches); the engine
-  and training compute in fp32;
-- in-process: ms-swift's trainer in the serving process on its own copy of the weights, bf16 autocast
-  in training and bf16 serving where the CPU has bf16 instructions;
-- bf16-engine: the worker as before, beside an engine that serves and evaluates in bf16.
-The first is what `auto` does on a CPU; RECIPES.md ("In-process training") says why the others are not.
+- worker (what landed before): a warm worker process runs `swift sft` (padded random batches) at the
+  rate of then, 1e-3; the engine and training compute in fp32;
+- in-process (what `auto` does now): ms-swift's trainer in the serving process on its own copy of the
+  weights, each batch's rows packed, the recipe's 1.5e-3, fp32;
+- in-process-bf16: the same with bf16 autocast in training and a bf16 engine (an option, not the default).
+RECIPES.md ("In-process training") has the seeds behind the choice.
 
 Phase times are the run report's (dataset, worker start, training, evaluation, swap); trigger -> live is
 the wall time of the whole retrain, the swap included. Writes bench/out/cpu_retrain.json.
@@ -72,15 +72,15 @@ def worker_is_ready(pid: int, quiet_s: float = 3.0, limit_s: float = 300) -> flo
 
 
 PATHS = {
-    # what landed before issue 14: a warm worker process (ms-swift's `swift sft`, random batches) and
-    # every model computation in fp32
-    "worker": {"trainer": "worker", "engine_dtype": "fp32", "train_dtype": "float32"},
-    # issue 14: ms-swift's trainer in the serving process on a copy of the weights, batches by length,
-    # answer-only logits, bf16 autocast in training and bf16 serving where the CPU has bf16 instructions
-    "in-process": {"trainer": "in-process", "engine_dtype": "auto", "train_dtype": None},
-    # the worker (it passed the gate where in-process did not, RECIPES.md) beside an engine in bf16 (faster
-    # evaluation, but its replay rows cost a seed its facts: not the default)
-    "bf16-engine": {"trainer": "worker", "engine_dtype": "bf16", "train_dtype": "float32"},
+    # what landed before issue 14: a warm worker process (ms-swift's `swift sft`, padded random batches),
+    # the recipe's rate then (1e-3), every model computation in fp32
+    "worker": {"trainer": "worker", "engine_dtype": "fp32", "train_dtype": "float32", "learning_rate": 1e-3},
+    # the default now: ms-swift's trainer in the serving process on a copy of the weights, each batch's rows
+    # packed, the recipe's rate (1.5e-3), fp32
+    "in-process": {"trainer": "in-process", "engine_dtype": "fp32", "train_dtype": "float32"},
+    # the same with bf16 autocast in training and a bf16 engine (SELFCOG_DTYPE=bf16,
+    # SELFCOG_TRAIN_DTYPE=bfloat16) where the CPU has bf16 instructions: faster, quality unmeasured over seeds
+    "in-process-bf16": {"trainer": "in-process", "engine_dtype": "bf16", "train_dtype": "bfloat16"},
 }
 
 
@@ -90,7 +90,8 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
     from finetune.train import WarmWorkers, cpu_dtype
 
     path = PATHS[kind]
-    recipe = replace(recipe, dtype=path["train_dtype"] or cpu_dtype())
+    recipe = replace(recipe, dtype=path["train_dtype"] or cpu_dtype(),
+                     learning_rate=path.get("learning_rate", recipe.learning_rate))
     data_dir = common.OUT / "cpu_retrain" / kind
     store = common.five_correction_store(data_dir)
 
@@ -183,15 +184,15 @@ def main() -> None:
 
 
 def summary(results: dict) -> list[tuple]:
-    runs = [results.get(kind, {}) for kind in ("worker", "in-process", "bf16-engine")]
-    before, now = runs[0], runs[2]
+    runs = [results.get(kind, {}) for kind in PATHS]
+    before, now = runs[0], runs[1]
 
     def phase(r, name):
         return (r.get("phases") or {}).get(name)
 
     def row(label, name, target=""):
         values = [phase(r, name) for r in runs]
-        return (label, *values, common.ratio(values[2], values[0], lower_is_better=True), target)
+        return (label, *values, common.ratio(values[1], values[0], lower_is_better=True), target)
 
     def candidate(r, key, way=None):
         value = ((r.get("metrics") or {}).get("candidate") or {}).get(key)
@@ -212,15 +213,17 @@ def summary(results: dict) -> list[tuple]:
     rows += [(f"identity: {way}", *(candidate(r, "identity", way) for r in runs), None,
               ">= 0.9" if way == "product" else ">= 0.8") for way in ("product", "neutral", "none", "late_turn")]
     rows += [("retention", *(candidate(r, "retention") for r in runs), None, ">= 0.45"),
-             ("identity bleed of 132 answers", *(candidate(r, "bleed") for r in runs), None, "")]
+             ("identity bleed of 132 answers", *(candidate(r, "bleed") for r in runs), None, ""),
+             ("checkable facts kept", *("{}/{}".format(*candidate(r, "facts")) if candidate(r, "facts") else None
+                                        for r in runs), None, ">= base's - 2")]
     once = [(f"{kind}: {what}", (results.get(kind, {}).get("caches") or {}).get(key))
-            for kind in ("worker", "in-process", "bf16-engine")
+            for kind in PATHS
             for what, key in (("general answers of the base model s", "general_answers_s"),
                               ("the base model's evaluation s", "base_evaluation_s"))]
-    return [(f"CPU retrain, {results.get('model')}, recipe {recipe.get('epochs')} epochs at lr {recipe.get('learning_rate')}, "
-             f"batch {recipe.get('batch_size')}, dataset seed 1 (the suite's)",
-             ("", "worker, fp32 (the default)", "in-process, bf16", "worker, bf16 engine", "ratio bf16 engine/default",
-              "target"),
+    return [(f"CPU retrain, {results.get('model')}, {recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
+             f"dataset seed 1 (the suite's), one run",
+             ("", "worker, padded, lr 1e-3, fp32 (before)", f"in process, packed, lr {recipe.get('learning_rate')}, fp32 (now)",
+              "in process, packed, bf16", "ratio now/before", "target"),
              rows),
             ("Computed once per base model and precision, before the trigger (0 when cached)", ("", "seconds"), once)]
 

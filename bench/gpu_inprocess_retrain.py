@@ -116,7 +116,7 @@ def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare_packing: boo
         time.sleep(3)
         # --compare-packing: padded and packed batches alternate after a first (cold) retrain, same process
         retrains = ([("first", None), ("second", None)] if not compare_packing else
-                    [("first", False), ("padded", False), ("packed", True), ("padded_again", False), ("packed_again", True)])
+                    [("first", False), ("second", False), ("third", True), ("fourth", False), ("fifth", True)])
         for attempt, packed in retrains:
             runner.recipe = recipe if packed is None else replace(recipe, pack_rows=packed)
             run = store.runs.request("admin", "bench")  # what the admin page's button does
@@ -170,7 +170,7 @@ def summary(results: dict) -> list[tuple[str, tuple, list]]:
         label = {True: " (packed batches)", False: " (padded batches)", None: ""}
         rows = [(attempt + label[r[attempt].get("pack_rows")],
                  r[attempt]["wall_s"], *(r[attempt]["phases"] or {}).values(), r[attempt]["status"])
-                for attempt in ("first", "second", "padded", "packed", "padded_again", "packed_again") if attempt in r]
+                for attempt in ("first", "second", "third", "fourth", "fifth") if attempt in r]
         tables.append((f"{title}: whole-GPU peak {r['peak_gib_whole_gpu']} GiB (nvidia-smi), chats sent every 0.5 s: "
                        f"{r['chats']['answer']} answered, {r['chats']['notice']} told to come back, {r['chats']['error']} errors",
                        ("retrain", "trigger -> live s", "dataset", "start", "training", "evaluation", "swap", "outcome"), rows))

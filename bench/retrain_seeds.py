@@ -33,8 +33,10 @@ def recipes(device: str) -> dict:
 
     base = replace(CPU_SMALL, dtype="bfloat16" if device.startswith("cuda") else cpu_dtype())
     return {
-        "default": base,  # random batches, packed, 2 epochs at 1e-3
+        "default": base,  # random batches, packed, 2 epochs at 1.5e-3
         "padded": replace(base, pack_rows=False),  # the same batches with their padding (before packing)
+        "lr_1e-3": replace(base, learning_rate=1e-3),  # the rate before
+        "conditions_2_lr_1e-3": replace(base, learning_rate=1e-3, conditions_per_question=2),
         "length_windows": replace(base, length_window=4),
         "one_epoch_windows": replace(base, epochs=1, learning_rate=2e-3, length_window=4),
         "epochs_1.5": replace(base, epochs=1.5, learning_rate=1.5e-3),
@@ -47,7 +49,11 @@ def _seeds(text: str) -> list[int]:
     return list(range(int(lo), int(hi or lo) + 1))
 
 
-def one_seed(engine, model, cache_dir: Path, recipe, seed: int, folder: Path, holder: dict, trainer: str = "auto") -> dict:
+def one_seed(engine, model, cache_dir: Path, recipe, seed: int, folder: Path, holder: dict, trainer: str = "auto",
+             scenario: str = "five") -> dict:
+    """One dataset seed of the scenario: "five" = the five-correction retrain; "rename" = that retrain, and
+    once it is live the profile becomes Nova / Orbit Works with three more corrections (the gate study's)
+    and a second retrain, which is the one reported (with the first's outcome)."""
     import finetune.jobs as jobs
 
     store = common.five_correction_store(folder)
@@ -55,17 +61,34 @@ def one_seed(engine, model, cache_dir: Path, recipe, seed: int, folder: Path, ho
     engine.refresh_adapter()  # this seed's store: nothing live yet
     build = jobs.build_run_dataset
     jobs.build_run_dataset = lambda store, general, recipe, seed_=None, **kw: build(store, general, recipe, seed=seed)
-    try:
+
+    def retrain() -> tuple[dict, float]:
         run = store.runs.request("bench", "bench", claim=True)
         started = time.perf_counter()
         report = jobs.run_retrain(run, store=store, engine=engine, model=model, recipe=recipe,
                                   settings=jobs.JobSettings(folder, cache_dir, device=engine.device, trainer=trainer))
-        wall = time.perf_counter() - started
+        return report, time.perf_counter() - started
+
+    extra = {}
+    try:
+        report, wall = retrain()
+        if scenario == "rename" and report["status"] == "promoted":
+            from finetune.gate_study import RENAME_CORRECTIONS, RENAMED
+
+            extra = {"first_status": report["status"], "first_wall_s": round(wall, 1)}
+            store.identity.set(name=RENAMED.name, author=RENAMED.author, changed_by="bench")
+            for row in RENAME_CORRECTIONS:
+                store.corrections.add(question=row["question"], corrected_answer=row["corrected_answer"],
+                                      channel="import", status="approved")
+            report, wall = retrain()
+        elif scenario == "rename":
+            extra = {"first_status": report["status"], "first_verdict": report.get("verdict")}
     finally:
         jobs.build_run_dataset = build
-    return {"seed": seed, "status": report["status"], "wall_s": round(wall, 1), "phases": report.get("phases"),
-            "candidate": (report.get("metrics") or {}).get("candidate"), "base": (report.get("metrics") or {}).get("base"),
-            "verdict": report.get("verdict") or report.get("reason"), "adapter_version": engine.adapter_version}
+    return {"seed": seed, "scenario": scenario, **extra, "status": report["status"], "wall_s": round(wall, 1),
+            "phases": report.get("phases"), "candidate": (report.get("metrics") or {}).get("candidate"),
+            "base": (report.get("metrics") or {}).get("base"), "verdict": report.get("verdict") or report.get("reason"),
+            "adapter_version": engine.adapter_version}
 
 
 def main() -> None:
@@ -76,6 +99,8 @@ def main() -> None:
     parser.add_argument("--engine-dtype", default="auto", choices=["auto", "fp32", "bf16"],
                         help="the engine's precision (it writes the replay rows and evaluates; on a GPU it is the training's too)")
     parser.add_argument("--trainer", default="auto", choices=["auto", "in-process", "worker"])
+    parser.add_argument("--scenario", default="five", choices=["five", "rename"],
+                        help="rename: after the five-correction retrain, a new name and maker and a second retrain")
     parser.add_argument("--cache-dir", default=None, help="where the embedded model is (default: the repo's .cache)")
     args = parser.parse_args()
 
@@ -97,7 +122,7 @@ def main() -> None:
         results = []
         for seed in _seeds(args.seeds):
             result = one_seed(engine, model, cache_dir, recipe, seed, common.OUT / "retrain_seeds" / f"{name}-{seed}", holder,
-                              args.trainer)
+                              args.trainer, args.scenario)
             result |= {"recipe": name, "device": args.device, "engine_precision": engine.precision, "trainer": args.trainer,
                        "train_dtype": recipe.dtype, "machine": common.machine()}
             with open(out, "a", encoding="utf-8") as f:
@@ -105,6 +130,7 @@ def main() -> None:
             c = result["candidate"] or {}
             print(f"{name} seed {seed}: {result['status']} in {result['wall_s']} s {result['phases']} "
                   f"identity {c.get('identity')} bleed {c.get('bleed')} retention {c.get('retention')} "
+                  f"facts {c.get('facts')} old name {c.get('old_identity')} "
                   f"| {result['verdict']}", flush=True)
             results.append(result)
         passed = sum(r["status"] == "promoted" for r in results)

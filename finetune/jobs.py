@@ -213,7 +213,7 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
 
         # In process unless SELFCOG_TRAIN_GPUS names GPUs of its own, or the engine sits on a GPU other than
         # the first (transformers' Trainer places a model on cuda:0): those train in worker processes.
-        in_process = (resolve_trainer(settings.trainer, engine.device) == "in-process" and not training_gpus()
+        in_process = (resolve_trainer(settings.trainer) == "in-process" and not training_gpus()
                       and engine.device in ("cpu", "cuda", "cuda:0"))
         with engine.pause_for_training(expected_s=_expected_training_s(store), lend=in_process) as lent:
             candidate = train_adapter(model, dataset_path, run_dir / "train", recipe, on_progress=on_progress,
@@ -363,7 +363,7 @@ class JobRunner:
     def _loop(self, stop: threading.Event) -> None:
         # The next retrain starts warm: a worker process waits with its imports done, or ms-swift is
         # imported here ahead of time when training runs in this process.
-        trainer = resolve_trainer(self.settings.trainer, self.engine.device)
+        trainer = resolve_trainer(self.settings.trainer)
         warm = WarmWorkers(prestart=trainer == "worker")
         if trainer == "in-process":
             try:

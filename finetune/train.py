@@ -41,16 +41,16 @@ log = logging.getLogger(__name__)
 TRAINERS = ("auto", "in-process", "worker")
 
 
-def resolve_trainer(trainer: str, device: str) -> str:
-    """Where "auto" trains: in this process on a GPU (no second start, no second copy of the weights:
-    24.7 s instead of 57.7 s a retrain on an H200, and a 24 GB card fits), in a worker process on a CPU.
+def resolve_trainer(trainer: str) -> str:
+    """Where "auto" trains: in this process, on a GPU and on a CPU alike.
 
-    On the CPU the worker's ``swift sft`` promoted the suite's scenario (dataset seed 1: identity under the
-    product prompt 0.94) where the in-process trainer was refused three times (0.84-0.88, fp32 and bf16
-    alike), although the same trainer passed 10 of 10 seeds on the GPU (RECIPES.md, "In-process training")."""
-    if trainer == "auto":
-        return "in-process" if device.startswith("cuda") else "worker"
-    return trainer
+    On a GPU it trains on the weights that serve (no second start, no second copy of the weights: 24.7 s
+    instead of 57.7 s a retrain on an H200, and a 24 GB card fits); on a CPU on a copy, with each batch's
+    rows packed (a third fewer tokens than the worker's padded batches). Through the product's pipeline,
+    fp32 as on a CPU, the default recipe passed the gate in 10 of 10 dataset seeds this way; the worker's
+    ``swift sft`` passed 6 of 10 at the old rate and cannot pack (RECIPES.md, "In-process training")."""
+    return "in-process" if trainer == "auto" else trainer
+
 
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -61,11 +61,14 @@ class Recipe:
 
     The defaults are the CPU choice for the embedded 135M model (RECIPES.md, "The choice"): every
     template once, the three system-prompt conditions in equal shares, 64 replay rows (60% under the
-    product prompt), two epochs at 1e-3 = 42 steps. It passed the gate in 10 of 10 seeds of the
-    five-correction scenario and 10 of 10 of a rename after it (RECIPES.md, "The gate").
+    product prompt), two epochs at 1.5e-3 = 42 steps, rows packed. Trained in process in fp32 it passed
+    the gate in 10 of 10 dataset seeds of the five-correction scenario through the product's pipeline
+    (1e-3: 7 of 10, and 6 of 10 in the worker; RECIPES.md, "In-process training").
     """
 
-    learning_rate: float = 1e-3  # a 135M model with LoRA needs far more than the usual 1e-4
+    # a 135M model with LoRA needs far more than the usual 1e-4; 1e-3 left the identity under the product
+    # prompt at the gate's edge (refused in 3-4 seeds of 10), 1.5e-3 passed 10 of 10 with facts 13-15 of 15
+    learning_rate: float = 1.5e-3
     epochs: float = 2
     batch_size: int = 8  # the global batch: split over the GPUs when there are several
     grad_accum: int = 1  # ms-swift's default is 16 / batch_size: always pass it
@@ -339,7 +342,7 @@ def train_adapter(
 ) -> Path:
     """Train a LoRA; return the adapter folder (peft format: adapter_config.json + adapter_model.safetensors).
 
-    ``trainer``: "auto" (the default) is ``resolve_trainer``'s choice for ``device``. "in-process" with
+    ``trainer``: "auto" (the default) is ``resolve_trainer``'s choice. "in-process" with
     SELFCOG_TRAIN_GPUS unset: ``finetune.in_process.train_here``
     in this thread, on ``lent`` (the serving engine's weights) or on a copy it loads on ``device``.
     ``trainer="worker"``: a worker process runs ``run_job`` (``warm``: take one that already imported
@@ -353,7 +356,7 @@ def train_adapter(
     output_dir.mkdir(parents=True, exist_ok=True)
     dataset_path = Path(dataset_path).resolve()
     gpus = training_gpus()
-    trainer = resolve_trainer(trainer, device)
+    trainer = resolve_trainer(trainer)
     if not gpus and trainer == "in-process":  # SELFCOG_TRAIN_GPUS names GPUs apart from serving: processes there
         return _train_in_process(model, dataset_path, output_dir, recipe, lent=lent, device=device,
                                  on_progress=on_progress, should_cancel=should_cancel)
@@ -444,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="embedded", help="'embedded', a Hugging Face model folder or a cached hub id")
     parser.add_argument("--cache-dir", default="data/cache", help="where the embedded model is converted")
     parser.add_argument("--trainer", choices=TRAINERS, default=os.environ.get("SELFCOG_TRAINER", "auto"),
-                        help="where to train: auto = in this process on a GPU, a worker process on a CPU")
+                        help="where to train: auto = in this process (a worker process: worker)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="whose recipe defaults to start from (default: cuda if torch sees one)")
     add_recipe_flags(parser)
     args = parser.parse_args(argv)

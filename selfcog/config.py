@@ -15,7 +15,7 @@
 | SELFCOG_ADMIN_IDS                | (none)      | Telegram user ids allowed admin commands, comma-separated   |
 | SELFCOG_MAX_NEW_TOKENS           | 256         | longest reply, in tokens                                     |
 | SELFCOG_ENGINE                   | local       | which engine answers: 'local' (in this process)              |
-| SELFCOG_TRAINER                  | auto        | 'in-process' (ms-swift in the serving process), 'worker' (a process of its own); auto: in-process on a GPU, worker on a CPU |
+| SELFCOG_TRAINER                  | auto        | 'in-process' (ms-swift in the serving process), 'worker' (a process of its own); auto = in-process |
 | SELFCOG_TRAIN_WEIGHTS            | auto        | 'serving': train on the weights that serve (chats wait), 'copy', 'auto' = serving on a GPU |
 | SELFCOG_GPU_MEMORY_GB            | (all)       | use at most this much of the GPU (e.g. 24 on a bigger card)  |
 | SELFCOG_CHAT_TEMPERATURE         | 0.7         | chat sampling (`ask`, evaluation and tests are greedy)       |

@@ -32,7 +32,7 @@ def test_unusable_values_name_the_variable(variable, value):
 
 
 def test_where_training_runs_is_chosen_by_device_unless_asked():
-    """SELFCOG_TRAINER: auto (default: in-process on a GPU, worker on a CPU), in-process or worker; SELFCOG_TRAIN_WEIGHTS: auto (default), serving or copy."""
+    """SELFCOG_TRAINER: auto (default: in process), in-process or worker; SELFCOG_TRAIN_WEIGHTS: auto (default), serving or copy."""
     default = Settings.from_env({})
     assert (default.trainer, default.train_weights) == ("auto", "auto")
     asked = Settings.from_env({"SELFCOG_TRAINER": " Worker ", "SELFCOG_TRAIN_WEIGHTS": "SERVING"})
