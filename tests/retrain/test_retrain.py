@@ -179,11 +179,13 @@ def worker_pids(parent: int, command: str) -> list[int]:
 
 @pytest.mark.slow
 def test_killed_worker_leaves_run_failed_and_previous_adapter_live(seeded, cli_env, random_adapters):
-    """The one test that kills real ms-swift training (a worker killed mid-step, as the OOM killer would)."""
+    """The one test that kills real ms-swift training (a worker killed mid-step, as the OOM killer would):
+    SELFCOG_TRAINER=worker, since training runs in the retrain's own process by default (a kill of that
+    process is test_killed_retrain_process_is_marked_failed_when_next_seen)."""
     previous = seeded.adapters.register(path=str(random_adapters[0]), base_model="SmolLM2-135M-Instruct")
     seeded.adapters.activate(previous)
     corrections_before = seeded.corrections.list()
-    retrain = start_retrain(cli_env)
+    retrain = start_retrain(cli_env | {"SELFCOG_TRAINER": "worker"})
     try:
         run = wait_for_training(seeded)
         workers = worker_pids(retrain.pid, "finetune.worker")
