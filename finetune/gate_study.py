@@ -10,8 +10,8 @@
 live adapter is a five-correction adapter (seed 0), and every earlier correction still sits approved in
 the store. "bad": adapters the gate must refuse (no replay rows; random LoRA weights).
 
-Each candidate is trained by the real worker with ``Recipe()`` and evaluated greedily in fp32 (the GPU gives
-the same scores as this CPU for the embedded model: RECIPES.md). Every report is written whole to
+Each candidate is trained by the real worker with ``Recipe()`` at lr 1e-3 (the default when the study ran)
+and evaluated greedily in fp32 (the GPU gives the same scores as this CPU for the embedded model: RECIPES.md). Every report is written whole to
 OUT/<scenario>.jsonl, so a gate can be re-scored offline (``--rescore``) without training again.
 """
 
@@ -60,7 +60,8 @@ def _train(model, general, profile, corrections, previous, out: Path, seed: int,
     path = dataset.write_swift(out / "dataset.jsonl")
     (out / "dataset_report.json").write_text(json.dumps(dataset.report, ensure_ascii=False))
     started = time.monotonic()
-    adapter = train_adapter(model, path, out / "swift", recipe)  # seed: the dataset's, as a retrain's run id
+    # seed: the dataset's, as a retrain's run id; the worker, as the saved study was trained
+    adapter = train_adapter(model, path, out / "swift", recipe, trainer="worker")
     return adapter, time.monotonic() - started
 
 
@@ -123,7 +124,7 @@ def main() -> None:
     model = resolve_model(args.model_dir, out)
     general = _general_answers(out / "general_answers.json", args.model_dir, args.device)
     base_answers = {g["prompt"]: g["answer"] for g in general}
-    recipe = Recipe()
+    recipe = replace(Recipe(), learning_rate=1e-3)  # the rate the saved study was trained at
     results = out / f"{args.scenario}.jsonl"
 
     if args.scenario == "five":

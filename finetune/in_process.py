@@ -13,12 +13,13 @@ a CPU loads a fresh copy in a fraction of a second so that chats go on meanwhile
 
 The rows are encoded by ms-swift's own template (as ``swift sft`` encodes them) and trained by
 ms-swift's ``Seq2SeqTrainer`` (which projects to the vocabulary only from the first trained token on).
-The order of the rows is ours (``batch_order``): shuffled once per epoch, as ms-swift's sampler would,
-or (``Recipe.length_window`` > 1) with rows of similar length batched together in a shuffled order.
-Random batches of these rows are a third padding, which a CPU computes like real tokens; length
-windows of 4 batches cut that by 20%, but the identity took less often (8 of 10 seeds against 10 of
-10, RECIPES.md), so they are off by default. ms-swift's ``--group_by_length`` feeds the longest rows
-first, and the identity then bled into general answers.
+The order of the rows is ours (``batch_order``): shuffled once per epoch, as ms-swift's sampler would.
+Random batches of these rows are a third padding, which a CPU computes like real tokens, so each
+batch's rows are packed end to end into as few sequences as its longest row allows
+(``PackedCollator``): the same batches and loss, a third fewer tokens. Batching rows of similar length
+instead (``Recipe.length_window`` > 1) cut the padding by 20% but changed what each step sees, and the
+identity took less often (8 of 10 seeds against 10 of 10, RECIPES.md); ms-swift's
+``--group_by_length`` feeds the longest rows first, and the identity then bled into general answers.
 
 The folder written is what the worker writes: ``logging.jsonl`` (ms-swift's per-step log, which the
 replaying test worker reads) and ``checkpoint-N/`` with the adapter in peft's format.

@@ -125,7 +125,8 @@ def main() -> None:
 
     load_before = os.getloadavg()[0]  # other work on these 2 cores slows every number below
     started = time.monotonic()
-    adapter = train_adapter(model, dataset_path, out / "swift", recipe, on_progress=on_progress)
+    # the worker process, as every row of RECIPES.md's grid was trained (and its CPU seconds are countable)
+    adapter = train_adapter(model, dataset_path, out / "swift", recipe, on_progress=on_progress, trainer="worker")
     wall = time.monotonic() - started
     # CPU seconds of the worker: unlike wall time, barely moved by other processes on the machine
     # (with one thread: spinning OpenMP threads would add CPU time of their own when they wait).
