@@ -115,7 +115,7 @@ class PackedCollator:
         for sequence in sequences:
             sequence["length"] = len(sequence["input_ids"])
         inputs = self.template.data_collator(sequences)
-        del inputs["attention_mask"]  # padding gets position 0: every pad token is a row of its own
+        inputs.pop("attention_mask", None)  # padding gets position 0: every pad token is a row of its own
         return inputs
 
 
