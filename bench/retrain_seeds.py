@@ -40,7 +40,13 @@ def recipes(device: str) -> dict:
         "length_windows": replace(base, length_window=4),
         "one_epoch_windows": replace(base, epochs=1, learning_rate=2e-3, length_window=4),
         "epochs_1.5": replace(base, epochs=1.5, learning_rate=1.5e-3),
+        "epochs_1.5_2e-3": replace(base, epochs=1.5, learning_rate=2e-3),
         "fp32": replace(base, dtype="float32"),
+        # one pass over the rows (half the tokens: the CPU's 120 s budget), at higher rates or in smaller batches
+        "one_epoch_2e-3": replace(base, epochs=1, learning_rate=2e-3),
+        "one_epoch_3e-3": replace(base, epochs=1, learning_rate=3e-3),
+        "one_epoch_b4_1.5e-3": replace(base, epochs=1, batch_size=4),
+        "one_epoch_b4_2e-3": replace(base, epochs=1, batch_size=4, learning_rate=2e-3),
     }
 
 

@@ -176,6 +176,20 @@ def base_answers_cached(session_engine, embedded_model, cache_dir) -> list[dict]
     return general_answers(session_engine, embedded_model, cache_dir)
 
 
+@pytest.fixture
+def small_evaluation(monkeypatch) -> tuple[int, int]:
+    """A retrain in this process evaluates on every 8th identity probe and every 11th eval prompt (4 and 4:
+    28 answers a report instead of 260), for tests about what happens around an evaluation, not its scores.
+    The full evaluation of an adapter that barely trained runs every answer to the token cap: ~100 s a report
+    on two cores. Returns (probes, eval prompts)."""
+    from finetune import jobs
+
+    probes, general = jobs.load_probes()[::8], jobs.load_general_prompts
+    monkeypatch.setattr(jobs, "load_probes", lambda: probes)
+    monkeypatch.setattr(jobs, "load_general_prompts", lambda split=None: general(split)[::11] if split == "eval" else general(split))
+    return len(probes), len(jobs.load_general_prompts("eval"))
+
+
 def seed_identity(run_cli, tmp_path: Path, *, contradicting: bool = True) -> None:
     """The scenario's profile and five approved corrections (+ one contradicting), through the CLI."""
     rows = FIVE_CORRECTIONS + ([CONTRADICTING] if contradicting else [])

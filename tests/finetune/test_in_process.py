@@ -374,10 +374,12 @@ def test_cancel_on_a_copy_raises_too(embedded_model, tiny_dataset, tiny_recipe, 
 
 @pytest.mark.slow
 def test_a_retrain_on_the_serving_weights_tells_chats_to_come_back(embedded_model, store, data_dir, cache_dir,
-                                                                   tiny_recipe, base_answers_cached, monkeypatch):
+                                                                   tiny_recipe, base_answers_cached, small_evaluation,
+                                                                   monkeypatch):
     """run_retrain as `selfcog serve` runs it with SELFCOG_TRAIN_WEIGHTS=serving: while the run is in stage
     "training" a chat (from another thread than the retrain's) gets the learning notice as the front ends
-    show it (a UserError, one line), nothing else; after the run chats are answered again."""
+    show it (a UserError, one line), nothing else; after the run chats are answered again. (The evaluation
+    is a small one: its scores are not what this test is about.)"""
     from bot.chat import ChatService
     from bot.engines.local import LocalEngine
     from bot.errors import UserError
@@ -434,6 +436,10 @@ def test_a_retrain_on_the_serving_weights_tells_chats_to_come_back(embedded_mode
         report = outcome["report"]
         assert report["status"] in ("promoted", "rejected"), report.get("reason")
         assert {"dataset", "worker_start", "training", "evaluation"} <= set(report["phases"])
+        probes, prompts = small_evaluation
+        candidate = report["metrics"]["candidate"]  # the evaluation ran, on the small set
+        assert all(round(v * probes, 6) == round(v * probes) for v in candidate["identity"].values()), candidate
+        assert candidate["facts"][1] <= prompts, candidate
         assert report["recipe"]["epochs"] == 1 and report["dataset"]["by_source"]["replay"] == 0
         assert store.runs.get(run["id"])["status"] == report["status"]
         answer = "".join(chat.send(conversation, "Who are you?"))
