@@ -86,28 +86,46 @@ class LlamaDecoder:
     # --- the two steps --------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Run prompts into cache rows ``slots`` in one forward; return the logits (float32) after each one's last token.
+        """Run prompts into cache rows ``slots``; return the logits (float32) after each one's last token.
 
-        Prompts are right-padded to the longest: causal attention keeps a prompt's tokens from seeing
-        the padding after them, and the padding's cache entries lie past the prompt's end, where a
-        decode step overwrites them before anything reads them."""
+        Prompts that start alike (the same system prompt: an evaluation asks 260 questions under four,
+        and 61% of its prompt tokens are such a shared start) have that start computed once, into the
+        first slot, and copied to the others; then each prompt's own rest runs in one forward."""
+        shared = shared_prefix_len(prompts) if len(prompts) > 1 else 0
+        if shared < MIN_SHARED_PREFIX:
+            return self._prefill(slots, prompts, start=0)
+        self._prefill(slots[:1], [prompts[0][:shared]], start=0)
+        others = torch.tensor(slots[1:], device=self.device)
+        for cache in (*self.k, *self.v):
+            cache[others, :, :shared] = cache[slots[0], :, :shared]
+        return self._prefill(slots, [p[shared:] for p in prompts], start=shared)
+
+    def _prefill(self, slots: list[int], prompts: list[list[int]], start: int) -> torch.Tensor:
+        """Prompts (or their rests) at positions ``start``.. of their rows; positions before ``start`` are in
+        the cache already. Right-padded to the longest: causal attention keeps a prompt's tokens from seeing
+        the padding after them, and the padding's cache entries lie past the prompt's end, where a decode
+        step overwrites them before anything reads them."""
         b, n = len(prompts), max(map(len, prompts))
-        self._reserve(n)
+        self._reserve(start + n)
         ids = torch.tensor([p + [0] * (n - len(p)) for p in prompts], device=self.device)
         rows = torch.tensor(slots, device=self.device)
         x = self.embed(ids)  # [b, n, hidden]
-        cos, sin = self.cos[:n], self.sin[:n]
+        cos, sin = self.cos[start:start + n], self.sin[start:start + n]
         groups = self.n_heads // self.n_kv
+        # token i (at position start + i) sees positions 0..start + i
+        mask = None if start == 0 else torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
         for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, down) in enumerate(self.layers):
             h = _rms_norm(x, norm1.weight, self.eps)
             q = _linear(h, q_proj).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
             k = _linear(h, k_proj).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
             v = _linear(h, v_proj).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            self.k[i][rows, :, :n] = k
-            self.v[i][rows, :, :n] = v
+            self.k[i][rows, :, start:start + n] = k
+            self.v[i][rows, :, start:start + n] = v
+            if start:
+                k, v = self.k[i][rows, :, :start + n], self.v[i][rows, :, :start + n]
             a = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-                                               is_causal=True)
+                                               attn_mask=mask, is_causal=mask is None)
             x = x + _linear(a.transpose(1, 2).reshape(b, n, -1), o_proj)
             h = _rms_norm(x, norm2.weight, self.eps)
             x = x + _linear(F.silu(_linear(h, gate)) * _linear(h, up), down)
@@ -183,6 +201,22 @@ class LlamaDecoder:
         """Called after the live weights changed (merge/unmerge): CUDA graphs re-check their pointers."""
         if self.graphs is not None:
             self.graphs.check_weights()
+
+
+# A shared start shorter than this is computed with the rest: copying cache rows costs more than it saves.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_len(prompts: list[list[int]]) -> int:
+    """How many first tokens all prompts share, leaving each at least its last token (whose logits are wanted)."""
+    shared = min(map(len, prompts)) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        n = 0
+        while n < shared and p[n] == first[n]:
+            n += 1
+        shared = n
+    return max(shared, 0)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -135,6 +135,32 @@ def test_batched_prefill_and_decode_rows_match_single_rows(tiny_llama):
     torch.testing.assert_close(decoder.decode([88], [len(prompts[2]) + 1])[0], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_prompts_that_start_alike_share_that_start_and_get_the_same_logits(tiny_llama):
+    """A group of prompts with a common start (a system prompt) computes it once and copies it to each row:
+    every row's logits, at the prefill and at the decode steps after it, are what each prompt alone gives."""
+    from transformers import AutoModelForCausalLM
+
+    from bot.engines.decoder import MIN_SHARED_PREFIX, shared_prefix_len
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.path).eval()
+    decoder = make_decoder(model, capacity=4, max_len=128)
+    system = [1, 3000, 3001, 3002, 3003, 3004, 3005, 3006, 3007, 3008, 3009, 3010]
+    prompts = [system + [500, 42], system + [7000, 123, 9, 31000, 8], system + [77], system]
+    assert shared_prefix_len(prompts) == len(system) - 1 >= MIN_SHARED_PREFIX  # each keeps its last token
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 4]]) == 2 and shared_prefix_len([[5], [5]]) == 0
+    alone = []
+    for ids in prompts:
+        first = decoder.prefill([0], [ids])[0]
+        alone.append((first, [decoder.decode([88 + j], [len(ids) + j])[0] for j in range(3)]))
+    together = decoder.prefill([3, 2, 1, 0], prompts)
+    steps = [decoder.decode([88 + j] * 4, [len(p) + j for p in reversed(prompts)]) for j in range(3)]
+    for row, slot in enumerate([3, 2, 1, 0]):
+        first, after = alone[row]
+        torch.testing.assert_close(together[row], first, rtol=1e-4, atol=1e-4)
+        for j in range(3):
+            torch.testing.assert_close(steps[j][slot], after[j], rtol=1e-4, atol=1e-4)
+
+
 QUESTIONS = [[{"role": "user", "content": q}] for q in ("Hi", "What is two plus two?", "Name a colour.",
                                                          "Tell me a story about a very long river.", "Ok", "Why?")]
 
