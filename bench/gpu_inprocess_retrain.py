@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -67,7 +68,8 @@ def cli_runs(model_dir: Path, trainer: str, out: Path) -> list[dict]:
     return runs
 
 
-def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare_packing: bool = False) -> dict:
+def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare_packing: bool = False, more: int = 0,
+            prepare_ahead: bool = False) -> dict:
     if cap_gb:
         os.environ["SELFCOG_GPU_MEMORY_GB"] = str(cap_gb)
     from bot.engines import EngineError
@@ -110,12 +112,18 @@ def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare_packing: boo
                     chats.append({"at": t, "got": "error", "text": f"{type(e).__name__}: {e}"})
                 chats_done.wait(0.5)
 
-        thread = runner.start(stop)
         chatter = threading.Thread(target=chat_every_half_second, daemon=True)
         chatter.start()
+        if prepare_ahead:  # what `selfcog serve` does at start on a GPU (SELFCOG_PREPARE_AHEAD), timed here
+            started = time.perf_counter()
+            runner.prepare_ahead()
+            result["prepare_ahead_s"] = round(time.perf_counter() - started, 1)
+            print("prepared ahead in", result["prepare_ahead_s"], "s", flush=True)
+        thread = runner.start(stop)
         time.sleep(3)
         # --compare-packing: padded and packed batches alternate after a first (cold) retrain, same process
-        retrains = ([("first", None), ("second", None)] if not compare_packing else
+        retrains = ([("first", None), ("second", None)] + [(f"more-{i}", None) for i in range(1, more + 1)]
+                    if not compare_packing else
                     [("first", False), ("second", False), ("third", True), ("fourth", False), ("fifth", True)])
         for attempt, packed in retrains:
             runner.recipe = recipe if packed is None else replace(recipe, pack_rows=packed)
@@ -126,6 +134,7 @@ def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare_packing: boo
             result[attempt] = {"wall_s": round(time.perf_counter() - started, 1), "status": row["status"],
                                "pack_rows": runner.recipe.pack_rows,
                                "phases": (row.get("report") or {}).get("phases"), "error": row.get("error"),
+                               "training_split": (row.get("report") or {}).get("training_split"),
                                "live_after": engine.adapter_version}
             print(attempt, json.dumps(result[attempt]), flush=True)
         time.sleep(3)
@@ -170,7 +179,7 @@ def summary(results: dict) -> list[tuple[str, tuple, list]]:
         label = {True: " (packed batches)", False: " (padded batches)", None: ""}
         rows = [(attempt + label[r[attempt].get("pack_rows")],
                  r[attempt]["wall_s"], *(r[attempt]["phases"] or {}).values(), r[attempt]["status"])
-                for attempt in ("first", "second", "third", "fourth", "fifth") if attempt in r]
+                for attempt, run in r.items() if isinstance(run, dict) and "phases" in run]
         tables.append((f"{title}: whole-GPU peak {r['peak_gib_whole_gpu']} GiB (nvidia-smi), chats sent every 0.5 s: "
                        f"{r['chats']['answer']} answered, {r['chats']['notice']} told to come back, {r['chats']['error']} errors",
                        ("retrain", "trigger -> live s", "dataset", "start", "training", "evaluation", "swap", "outcome"), rows))
@@ -184,8 +193,16 @@ def main() -> None:
     parser.add_argument("--cap-gb", type=float, default=23, help="serve24's memory cap (0: the whole GPU)")
     parser.add_argument("--compare-packing", action="store_true",
                         help="serve24: after a first retrain, padded and packed batches twice each, alternating")
+    parser.add_argument("--prepare-ahead", action="store_true",
+                        help="serve24: the job runner's prepare_ahead (reference evaluations, a warm trainer) before the first retrain")
+    parser.add_argument("--more", type=int, default=0, help="serve24: this many retrains after the second, as it")
     parser.add_argument("--model", type=Path, help="a model folder instead of the random Qwen2.5-7B shape (a smoke test)")
     args = parser.parse_args()
+    for name in ("finetune", "bot"):  # the training's own timings (steps, save, weights lent and taken back)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
     model_dir = args.model or build(REPO / ".cache" / "bench-qwen7b")
     out = common.OUT / "gpu_inprocess_retrain"
     out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +211,8 @@ def main() -> None:
         results["cli"] = [r for trainer in args.trainers for r in cli_runs(model_dir, trainer, out)]
         common.save("gpu_inprocess_retrain", results)
     if "serve24" in args.parts:
-        results["serve24" if args.cap_gb else "serve_whole_gpu"] = serve24(model_dir, out, args.cap_gb, args.compare_packing)
+        results["serve24" if args.cap_gb else "serve_whole_gpu"] = serve24(
+            model_dir, out, args.cap_gb, args.compare_packing, args.more, args.prepare_ahead)
     print("wrote", common.save("gpu_inprocess_retrain" + ("" if args.cap_gb == 23 else f"_cap{args.cap_gb:g}"), results))
 
 

@@ -251,16 +251,20 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
             if type(quiet).__name__.startswith(("PrinterCallback", "ProgressCallback")):
                 trainer.remove_callback(quiet)
         log.info("training starts %.1f s after the call", time.perf_counter() - started)
+        clock = time.perf_counter()
         trainer.train()
+        log.info("%d steps took %.1f s", trainer.state.global_step, time.perf_counter() - clock)
         if progress.cancelled:
             raise Cancelled("training cancelled")
         adapter = output_dir / f"checkpoint-{trainer.state.global_step}"
         name = trained.active_adapter
+        clock = time.perf_counter()
         trained.save_pretrained(adapter, selected_adapters=[name])
         if name != "default":  # peft writes a named adapter into a subfolder of that name
             for path in (adapter / name).iterdir():
                 path.rename(adapter / path.name)
             (adapter / name).rmdir()
+        log.info("adapter saved in %.1f s", time.perf_counter() - clock)
         with open(output_dir / "logging.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"last_model_checkpoint": str(adapter), "global_step": trainer.state.global_step}) + "\n")
         return adapter
@@ -269,6 +273,8 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
         if recipe.gradient_checkpointing and hasattr(base, "gradient_checkpointing_disable"):
             base.gradient_checkpointing_disable()
         del copy, trained, base
+        clock = time.perf_counter()
         gc.collect()
         if not on_cpu:
             torch.cuda.empty_cache()
+        log.info("training's memory freed in %.2f s", time.perf_counter() - clock)

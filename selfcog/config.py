@@ -17,6 +17,7 @@
 | SELFCOG_ENGINE                   | local       | which engine answers: 'local' (in this process)              |
 | SELFCOG_TRAINER                  | auto        | 'in-process' (ms-swift in the serving process), 'worker' (a process of its own); auto = in-process |
 | SELFCOG_TRAIN_WEIGHTS            | auto        | 'serving': train on the weights that serve (chats wait), 'copy', 'auto' = serving on a GPU |
+| SELFCOG_PREPARE_AHEAD            | auto        | at start, compute the first retrain's reference evaluations (and warm the GPU trainer): on / off / auto = on a GPU |
 | SELFCOG_GPU_MEMORY_GB            | (all)       | use at most this much of the GPU (e.g. 24 on a bigger card)  |
 | SELFCOG_CHAT_TEMPERATURE         | 0.7         | chat sampling (`ask`, evaluation and tests are greedy)       |
 | SELFCOG_CHAT_TOP_P               | 0.9         | chat nucleus sampling                                        |
@@ -83,6 +84,7 @@ class Settings:
     engine: str = "local"
     trainer: str = "auto"
     train_weights: str = "auto"
+    prepare_ahead: str = "auto"
     chat_temperature: float = 0.7
     chat_top_p: float = 0.9
     chat_repetition_penalty: float = 1.15
@@ -122,6 +124,8 @@ class Settings:
                            lambda v: v in ("auto", "in-process", "worker")),
             train_weights=_parse(env, "SELFCOG_TRAIN_WEIGHTS", "auto", str.lower, "auto, serving or copy",
                                  lambda v: v in ("auto", "serving", "copy")),
+            prepare_ahead=_parse(env, "SELFCOG_PREPARE_AHEAD", "auto", str.lower, "auto, on or off",
+                                 lambda v: v in ("auto", "on", "off")),
             chat_temperature=number("SELFCOG_CHAT_TEMPERATURE", "0.7", high=10),
             chat_top_p=number("SELFCOG_CHAT_TOP_P", "0.9", high=1),
             chat_repetition_penalty=number("SELFCOG_CHAT_REPETITION_PENALTY", "1.15", 1, 10),

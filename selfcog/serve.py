@@ -89,4 +89,6 @@ def job_settings(settings: Settings, engine=None):
     return JobSettings(data_dir=settings.data_dir, cache_dir=settings.cache_dir, device=device,
                        retrain_every_hours=settings.retrain_every_hours,
                        retrain_min_corrections=settings.retrain_min_corrections, gate=settings.gate,
-                       trainer=settings.trainer)
+                       trainer=settings.trainer,
+                       prepare_ahead=settings.prepare_ahead == "on" or (settings.prepare_ahead == "auto"
+                                                                        and device.startswith("cuda")))

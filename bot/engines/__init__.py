@@ -133,6 +133,7 @@ class Engine(Protocol):
     name: str  # the base model's display name
     device: str  # where the model runs ("cpu", "cuda", "cuda:1"): training picks the same
     capacity: int  # how many replies decode at once: more concurrent chats only wait
+    trains_on_serving_weights: bool  # pause_for_training(lend=True) yields these weights to the trainer
 
     @property
     def adapter_version(self) -> int | None:

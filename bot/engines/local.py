@@ -193,10 +193,14 @@ class LocalEngine:
         lent, returned = threading.Event(), threading.Event()
 
         def hold() -> None:  # on the worker thread, nothing running: it waits here while the trainer works
+            clock = time.perf_counter()
             self._weights.lend()
+            log.info("weights lent in %.2f s", time.perf_counter() - clock)
             lent.set()
             returned.wait()
+            clock = time.perf_counter()
             self._weights.take_back()
+            log.info("weights taken back, the live adapter in place, in %.2f s", time.perf_counter() - clock)
 
         control = _Control(hold, when_idle=True)
         self._paused_until = time.monotonic() + (expected_s or 0)

@@ -63,6 +63,7 @@ class OpenAIEngine:
 
         self.name = model.name
         self.device = device
+        self.trains_on_serving_weights = False  # the weights are in the server: a retrain loads its own copy
         self.capacity = capacity
         self.max_new_tokens = max_new_tokens
         self.poll_s = poll_s

@@ -12,6 +12,7 @@ import random
 import re
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -436,6 +437,8 @@ def test_a_retrain_on_the_serving_weights_tells_chats_to_come_back(embedded_mode
         report = outcome["report"]
         assert report["status"] in ("promoted", "rejected"), report.get("reason")
         assert {"dataset", "worker_start", "training", "evaluation"} <= set(report["phases"])
+        assert report["training_split"]["steps"] + report["training_split"]["after_steps"] == \
+            pytest.approx(report["phases"]["training"], abs=0.3)
         probes, prompts = small_evaluation
         candidate = report["metrics"]["candidate"]  # the evaluation ran, on the small set
         assert all(round(v * probes, 6) == round(v * probes) for v in candidate["identity"].values()), candidate
@@ -469,3 +472,49 @@ def test_a_gpu_memory_cap_is_read_in_gb_and_unset_means_the_whole_card(monkeypat
     monkeypatch.setenv(hardware.GPU_MEMORY_ENV, " 23.5 ")
     assert hardware.gpu_memory_cap_gb() == 23.5
     hardware.apply_gpu_memory_cap("cpu")  # nothing to cap on a CPU (and no CUDA here to ask)
+
+
+@pytest.mark.slow
+def test_preparing_ahead_caches_the_references_and_warms_the_trainer_on_the_serving_weights(
+        embedded_model, store, data_dir, cache_dir, tiny_recipe, base_answers_cached, small_evaluation, monkeypatch):
+    """JobRunner.prepare_ahead (what `selfcog serve` runs at start on a GPU): the base's evaluation under the
+    current profile is computed and cached, so the first retrain evaluates only its candidate; and an engine
+    that lends its weights trains two throwaway steps on them, which leave no adapter, no files, and the
+    weights answering exactly as before."""
+    from bot.engines.local import LocalEngine
+    from finetune import jobs
+
+    store.identity.set(name=PROFILE.name, author=PROFILE.author)
+    for c in FIVE_CORRECTIONS:
+        store.corrections.add(question=c["question"], corrected_answer=c["answer"], channel="import", status="approved")
+    trainings = []
+    train_adapter = jobs.train_adapter
+
+    def recorded(model, dataset, output_dir, recipe, **options):
+        folder = train_adapter(model, dataset, output_dir, recipe, **options)
+        trainings.append({"lent": options.get("lent") is not None, "steps": len(steps_logged(Path(output_dir))),
+                          "trained": lora_b_trained(folder)})
+        return folder
+
+    monkeypatch.setattr(jobs, "train_adapter", recorded)
+    engine = LocalEngine(embedded_model, active_adapter=store.adapters.active, train_weights="serving",
+                         max_new_tokens=16)
+    try:
+        before = engine.generate([WHO])
+        runner = jobs.JobRunner(jobs.JobSettings(data_dir, cache_dir, trainer="in-process", prepare_ahead=True),
+                                store, model=embedded_model, engine=engine, recipe=tiny_recipe)
+        runner.prepare_ahead()
+        assert trainings == [{"lent": True, "steps": 2, "trained": True}]
+        assert not (Path(cache_dir) / "warm-up").exists() and engine.adapter_version is None
+        assert store.adapters.list() == [] and store.runs.list() == []
+        assert engine.generate([WHO]) == before, "the weights came back changed"
+
+        # the reference is cached: evaluating the base under this profile asks the engine nothing
+        monkeypatch.setattr(engine, "generate", lambda *a, **k: pytest.fail("the base was evaluated again"))
+        report = jobs.evaluate_weights(engine, jobs.AdapterRef.BASE, store.identity.current(), base_answers_cached,
+                                       previous=jobs.earlier_profiles(store), cache_dir=cache_dir,
+                                       weights=jobs.weights_id(embedded_model))
+        probes, _ = small_evaluation  # the report prepare_ahead computed, on the small set
+        assert all(round(v * probes, 6) == round(v * probes) for v in report.identity.values()), report.identity
+    finally:
+        engine.close()

@@ -55,6 +55,10 @@ def test_the_run_report_times_each_phase_and_they_add_up(retrained):
     # the phases are the whole run but for bookkeeping between them (store writes, the heartbeat)
     assert sum(phases.values()) <= report["seconds"] + 0.5
     assert sum(phases.values()) >= 0.9 * report["seconds"], (phases, report["seconds"])
+    # the training's own split: its steps, then saving the adapter and giving the weights back
+    split = report["training_split"]
+    assert split["steps"] > 0 and split["after_steps"] >= 0, split
+    assert abs(split["steps"] + split["after_steps"] - phases["training"]) <= 0.3, (split, phases)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ def test_defaults_and_chat_sampling_from_the_environment():
     ("SELFCOG_DB_TIMEOUT_S", "nan"), ("SELFCOG_ADMIN_IDS", "12,bob"), ("SELFCOG_CHAT_TOP_P", "1.5"),
     ("SELFCOG_CHAT_REPETITION_PENALTY", "0.5"), ("SELFCOG_MAX_NEW_TOKENS", "0"),
     ("SELFCOG_TRAINER", "subprocess"), ("SELFCOG_TRAIN_WEIGHTS", "gpu"), ("SELFCOG_DTYPE", "fp8"),
+    ("SELFCOG_PREPARE_AHEAD", "yes"),
 ])
 def test_unusable_values_name_the_variable(variable, value):
     with pytest.raises(UserError, match=f"^{variable} must be .*, not {value!r}$"):
@@ -38,3 +39,17 @@ def test_where_training_runs_is_chosen_by_device_unless_asked():
     asked = Settings.from_env({"SELFCOG_TRAINER": " Worker ", "SELFCOG_TRAIN_WEIGHTS": "SERVING"})
     assert (asked.trainer, asked.train_weights) == ("worker", "serving")
     assert Settings.from_env({"SELFCOG_TRAIN_WEIGHTS": "copy"}).train_weights == "copy"
+
+
+@pytest.mark.parametrize("value, device, prepares", [
+    (None, "cpu", False), (None, "cuda", True), ("on", "cpu", True), ("OFF", "cuda", False), ("auto", "cuda:1", True),
+])
+def test_the_job_runner_prepares_ahead_on_a_gpu_unless_told(value, device, prepares):
+    """SELFCOG_PREPARE_AHEAD: auto (default) = on a GPU, where the first retrain's reference evaluations take
+    seconds; on a CPU they are minutes of both cores, so only when asked."""
+    from types import SimpleNamespace
+
+    from selfcog.serve import job_settings
+
+    settings = Settings.from_env({} if value is None else {"SELFCOG_PREPARE_AHEAD": value})
+    assert job_settings(settings, SimpleNamespace(device=device)).prepare_ahead is prepares
