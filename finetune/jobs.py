@@ -440,6 +440,8 @@ class JobRunner:
         clock = time.perf_counter()
         recipe = self.recipe or recipe_for(self.model, self.settings.device)
         dataset = build_run_dataset(self.store, base_general, recipe, seed=0)
+        if not dataset.rows:
+            return
         two_steps = 2 * recipe.batch_size * recipe.grad_accum / len(dataset.rows)  # of an epoch of shuffled rows
         recipe = replace(recipe, epochs=min(1.0, two_steps))
         folder = Path(self.settings.cache_dir) / "warm-up"

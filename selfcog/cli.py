@@ -357,7 +357,8 @@ def retrain(ctx: Context, queue_only, cancel, trained, as_json):
                          settings=job_settings(ctx.settings, engine), trained=trained)
     summary = summarize(ctx.store.runs.get(run["id"]))
     if as_json:
-        echo_json({k: report.get(k) for k in ("run_id", "status", "promoted", "adapter", "metrics", "seconds")}
+        echo_json({k: report.get(k) for k in ("run_id", "status", "promoted", "adapter", "metrics", "seconds",
+                                              "training_split")}
                   | {"reason": report.get("reason") or "; ".join(report.get("reasons") or []) or None,
                      "outcome": summary.outcome_line, "reasons": summary.reasons, "phases": summary.phases})
     else:
