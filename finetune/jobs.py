@@ -415,9 +415,10 @@ class JobRunner:
            evaluates only its candidate. On an H200 with a 7B model that is ~4 s of the first retrain's
            dataset and ~18 s of its evaluation. Chats go on meanwhile: they share the engine's batches.
         2. When the engine lends its weights to a trainer in this process (on a GPU, by default): a
-           throwaway training of two steps. CUDA loads kernels the first time each is used, and the first
-           retrain's steps took twice as long as the next one's (22 s against 10 s on an H200), and its
-           evaluation 15 s against 6 s. Chats are told to come back for those few seconds, at start.
+           throwaway training of two steps, and one answer from the adapter they made. CUDA loads kernels
+           the first time each is used, and the first merge of a candidate keeps a host copy of the
+           weights: the first retrain's steps took twice as long as the next one's (22 s against 10 s on
+           an H200), and its evaluation 15 s against 6 s. Chats are told to come back meanwhile (~20 s).
         Off by default on a CPU (SELFCOG_PREPARE_AHEAD=on asks): there the evaluations are ~2 minutes of
         both cores, and a CPU has no kernels to load."""
         clock = time.perf_counter()
@@ -435,8 +436,8 @@ class JobRunner:
             self._warm_the_trainer(base_general)
 
     def _warm_the_trainer(self, base_general: list[dict]) -> None:
-        """Two training steps on the serving weights, on this store's dataset, and one answer from the adapter
-        they made (the first candidate merged on a GPU keeps a host copy of the weights: ~9 s, once), thrown away."""
+        """Two training steps on the serving weights, on this store's dataset, and one answer from the
+        adapter they made; nothing of it is kept."""
         clock = time.perf_counter()
         recipe = self.recipe or recipe_for(self.model, self.settings.device)
         dataset = build_run_dataset(self.store, base_general, recipe, seed=0)
@@ -444,7 +445,7 @@ class JobRunner:
             return
         two_steps = 2 * recipe.batch_size * recipe.grad_accum / len(dataset.rows)  # of an epoch of shuffled rows
         recipe = replace(recipe, epochs=min(1.0, two_steps))
-        folder = Path(self.settings.cache_dir) / "warm-up"
+        folder = Path(self.settings.data_dir) / "runs" / "warm-up"  # the cache may be shared by other servers
         shutil.rmtree(folder, ignore_errors=True)
         try:
             path = dataset.write_swift(folder / "dataset.jsonl")

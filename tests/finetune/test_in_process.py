@@ -505,7 +505,7 @@ def test_preparing_ahead_caches_the_references_and_warms_the_trainer_on_the_serv
                                 store, model=embedded_model, engine=engine, recipe=tiny_recipe)
         runner.prepare_ahead()
         assert trainings == [{"lent": True, "steps": 2, "trained": True}]
-        assert not (Path(cache_dir) / "warm-up").exists() and engine.adapter_version is None
+        assert not (Path(data_dir) / "runs" / "warm-up").exists() and engine.adapter_version is None
         assert store.adapters.list() == [] and store.runs.list() == []
         assert engine.generate([WHO]) == before, "the weights came back changed"
 
