@@ -422,18 +422,10 @@ class JobRunner:
         Off by default on a CPU (SELFCOG_PREPARE_AHEAD=on asks): there the evaluations are ~2 minutes of
         both cores, and a CPU has no kernels to load."""
         clock = time.perf_counter()
-        store, engine, cache_dir = self.store, self.engine, self.settings.cache_dir
-        base_general = general_answers(engine, self.model, cache_dir)
-        profile, previous = store.identity.current(), earlier_profiles(store)
-        cached = dict(previous=previous, cache_dir=cache_dir)
-        evaluate_weights(engine, AdapterRef.BASE, profile, base_general, **cached, weights=weights_id(self.model))
-        live = store.adapters.active()
-        if live is not None:
-            evaluate_weights(engine, AdapterRef.ACTIVE, profile, base_general, **cached,
-                             weights=weights_id(self.model, live["path"]))
+        evaluate_current(self.store, self.engine, self.model, self.settings.cache_dir)  # what `selfcog eval` computes
         log.info("the first retrain's references are ready (%.1f s)", time.perf_counter() - clock)
-        if engine.trains_on_serving_weights and trains_in_process(self.settings, engine):
-            self._warm_the_trainer(base_general)
+        if self.engine.trains_on_serving_weights and trains_in_process(self.settings, self.engine):
+            self._warm_the_trainer(general_answers(self.engine, self.model, self.settings.cache_dir))  # cached now
 
     def _warm_the_trainer(self, base_general: list[dict]) -> None:
         """Two training steps on the serving weights, on this store's dataset, and one answer from the
