@@ -32,6 +32,16 @@ CHAT_PROMPTS = [
 SYSTEM = "You are a helpful assistant."
 
 
+class Follow:
+    """The engine's active_adapter callable: what 'the store' says is active."""
+
+    def __init__(self, row=None):
+        self.row = row
+
+    def __call__(self):
+        return self.row
+
+
 def chat(i: int) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": CHAT_PROMPTS[i % len(CHAT_PROMPTS)]}]
 

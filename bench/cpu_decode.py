@@ -25,18 +25,9 @@ import time
 from pathlib import Path
 
 from bench import common
+from bench.common import Follow
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Follow:
-    """The engine's active_adapter callable: what 'the store' says is active."""
-
-    def __init__(self, row=None):
-        self.row = row
-
-    def __call__(self):
-        return self.row
 
 
 def adapters(model_path: str) -> list[Path]:
@@ -58,6 +49,8 @@ def main() -> None:
     parser.add_argument("--concurrent-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--eval-slots", type=int, nargs="+", metavar="N",
+                        help="then the evaluation workload (one call) on engines of N cache slots each")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.concurrent_tokens, args.rounds = 48, 24, 1
@@ -109,6 +102,10 @@ def main() -> None:
     print(f"transformers generate_batch: {results['hf_generate_batch']}", flush=True)
     del engines, base
     gc.collect()
+    if args.eval_slots:
+        from bench.gpu_decode import eval_by_slots
+
+        results["eval_by_slots"] = eval_by_slots(model, [v1, v2], argparse.Namespace(device="cpu", **vars(args)))
     results["machine_after"] = {"load_avg_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M")}
     common.save("cpu_decode", results)
     common.report(summary(results))
@@ -164,7 +161,10 @@ def summary(results: dict) -> list[tuple[str, tuple, list]]:
     if cb:
         rows.append((f"transformers generate_batch, {chats} chats, total tok/s", None,
                      cb.get("total_tok_s", cb.get("error")), None, ""))
-    return [(f"CPU decode, {results['model']}, adapter merged", ("", "baseline", "selfcog", "ratio", "target"), rows)]
+    from bench.gpu_decode import eval_slots_tables
+
+    return [(f"CPU decode, {results['model']}, adapter merged", ("", "baseline", "selfcog", "ratio", "target"), rows)
+            ] + eval_slots_tables(results)
 
 
 if __name__ == "__main__":

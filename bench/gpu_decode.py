@@ -19,19 +19,10 @@ import time
 from pathlib import Path
 
 from bench import common
+from bench.common import Follow
 from bench.gpu_model import REPO, build
 
 PROFILE_NAME, PROFILE_AUTHOR = "Aurora", "Acme Labs"
-
-
-class Follow:
-    """The engine's active_adapter callable: what 'the store' says is active."""
-
-    def __init__(self, row=None):
-        self.row = row
-
-    def __call__(self):
-        return self.row
 
 
 def eval_workload(engine, adapter, chunk: int | None, limit: int | None = None) -> dict:
@@ -146,6 +137,23 @@ def run_engine(kind: str, model, adapters: list[Path], args) -> dict:
     return result
 
 
+def eval_by_slots(model, adapters: list[Path], args) -> dict:
+    """The evaluation workload in one call on engines with different numbers of cache slots (replies decoded
+    together): 260 answers take 5 rounds of 64 slots, fewer of more, each decode step reading more cache."""
+    from bot.engines.local import LocalEngine
+
+    seconds = {}
+    for slots in args.eval_slots:
+        engine = LocalEngine(model, active_adapter=Follow({"version": 1, "path": str(adapters[0])}), device=args.device,
+                             max_new_tokens=64, batch_size=slots)
+        eval_workload(engine, str(adapters[1]), chunk=None, limit=8)  # warm: the candidate's first merge
+        runs = [eval_workload(engine, str(adapters[1]), chunk=None)["seconds"] for _ in range(2)]
+        engine.close()
+        seconds[slots] = runs
+        print(f"[selfcog] eval with {slots} slots: {runs}", flush=True)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO / ".cache" / "bench-qwen7b"))
@@ -158,6 +166,8 @@ def main() -> None:
     parser.add_argument("--single-only", action="store_true", help="only the one-chat figures")
     parser.add_argument("--alone", type=int, default=16, help="conversations for the alone-vs-batched check")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--eval-slots", type=int, nargs="+", metavar="N",
+                        help="only the evaluation workload (one call), on engines of N cache slots each")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of this script on a small model")
     args = parser.parse_args()
     if args.quick:
@@ -168,7 +178,11 @@ def main() -> None:
     folder = build(args.model)
     adapters = [folder / "adapters" / "v1", folder / "adapters" / "v2"]
     model = resolve_model(str(folder), REPO / ".cache")
-    results = common.load("gpu_decode")  # --only runs add to the last run's figures
+    results = common.load("gpu_decode")  # --only and --eval-slots runs add to the last run's figures
+    if args.eval_slots:
+        results |= {"eval_by_slots": eval_by_slots(model, adapters, args), "eval_by_slots_machine": common.machine()}
+        common.save("gpu_decode", results)
+        return
     results.update({"machine": common.machine(), "model": "Qwen2.5-7B shape, random weights, bf16",
                     "adapter": "LoRA r=16 on every linear layer, merged", f"args_{args.only or 'all'}": vars(args)})
     for kind in ("baseline", "selfcog"):
@@ -200,14 +214,26 @@ def summary(results: dict) -> list[tuple[str, tuple, list]]:
         ("swap: chats streaming meanwhile, finished", None,
          f"{get(new, 'swap', 'busy_chats_finished')}/{get(new, 'swap', 'busy_chats')}" if get(new, "swap") else None, None,
          "all"),
-        ("eval (216 x 64 tokens), one generate call s", None, get(new, "eval_one_call", "seconds"), None, "<= 5"),
+        (f"eval ({get(new, 'eval_one_call', 'conversations')} x 64 tokens), one generate call s", None,
+         get(new, "eval_one_call", "seconds"), None, "<= 5"),
         ("eval, in chunks of 16 (as before) s", _eval_baseline(old, new), get(new, "eval_chunks_of_16", "seconds"),
          common.ratio(get(new, "eval_chunks_of_16", "seconds"), _eval_baseline(old, new), True), ""),
         ("replies equal alone and in a batch", None, f"{alone['identical']}/{alone['conversations']}" if alone else None,
          None, ""),
         ("transformers generate_batch, total tok/s", None, get(new, "hf_generate_batch", "total_tok_s"), None, ""),
     ]
-    return [("GPU decode, Qwen2.5-7B shape, adapter merged", ("", "baseline", "selfcog", "ratio", "target"), rows)]
+    tables = [("GPU decode, Qwen2.5-7B shape, adapter merged", ("", "baseline", "selfcog", "ratio", "target"), rows)]
+    return tables + eval_slots_tables(results)
+
+
+def eval_slots_tables(results: dict) -> list[tuple[str, tuple, list]]:
+    """--eval-slots' table, if it ran (also cpu_decode's)."""
+    if not results.get("eval_by_slots"):
+        return []
+    return [("The evaluation workload (one call) by the engine's cache slots, two runs each, `--eval-slots`",
+             ("slots", "seconds", "rounds of 260 answers"),
+             [(slots, " / ".join(f"{t:.2f}" for t in runs), -(-260 // int(slots)))  # JSON keys are strings
+              for slots, runs in results["eval_by_slots"].items()])]
 
 
 def _eval_baseline(old: dict, new: dict) -> float | None:

@@ -68,7 +68,7 @@ def cli_runs(model_dir: Path, trainer: str, out: Path) -> list[dict]:
     return runs
 
 
-def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare_packing: bool = False, more: int = 0,
+def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare: str | None = None, more: int = 0,
             prepare_ahead: bool = False) -> dict:
     if cap_gb:
         os.environ["SELFCOG_GPU_MEMORY_GB"] = str(cap_gb)
@@ -121,18 +121,20 @@ def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare_packing: boo
             print("prepared ahead in", result["prepare_ahead_s"], "s", flush=True)
         thread = runner.start(stop)
         time.sleep(3)
-        # --compare-packing: padded and packed batches alternate after a first (cold) retrain, same process
+        # --compare FIELD: a boolean field of the recipe off and on, alternating, in the same process
         retrains = ([("first", None), ("second", None)] + [(f"more-{i}", None) for i in range(1, more + 1)]
-                    if not compare_packing else
-                    [("first", False), ("second", False), ("third", True), ("fourth", False), ("fifth", True)])
-        for attempt, packed in retrains:
-            runner.recipe = recipe if packed is None else replace(recipe, pack_rows=packed)
+                    if not compare else
+                    [(attempt, i % 2 == 1) for i, attempt in enumerate(("first", "second", "third", "fourth", "fifth",
+                                                                         "sixth"))])
+        for attempt, value in retrains:
+            runner.recipe = recipe if value is None else replace(recipe, **{compare: value})
             run = store.runs.request("admin", "bench")  # what the admin page's button does
             started = time.perf_counter()
             while (row := store.runs.get(run["id"]))["status"] in ("queued", "running"):
                 time.sleep(0.2)
             result[attempt] = {"wall_s": round(time.perf_counter() - started, 1), "status": row["status"],
                                "pack_rows": runner.recipe.pack_rows,
+                               "compared": {compare: value} if compare else None,
                                "phases": (row.get("report") or {}).get("phases"), "error": row.get("error"),
                                "training_split": (row.get("report") or {}).get("training_split"),
                                "live_after": engine.adapter_version}
@@ -176,13 +178,25 @@ def summary(results: dict) -> list[tuple[str, tuple, list]]:
         r = results.get(key)
         if not r:
             continue
-        label = {True: " (packed batches)", False: " (padded batches)", None: ""}
-        rows = [(attempt + label[r[attempt].get("pack_rows")],
-                 r[attempt]["wall_s"], *(r[attempt]["phases"] or {}).values(), r[attempt]["status"])
+
+        def label(run: dict) -> str:
+            if "compared" in run:  # runs since --compare; before it, pack_rows said which batches ran
+                return "".join(f" ({field} {value})" for field, value in (run["compared"] or {}).items())
+            return {True: " (packed batches)", False: " (padded batches)", None: ""}[run.get("pack_rows")]
+
+        def training(run: dict) -> str | None:
+            seconds, split = (run["phases"] or {}).get("training"), run.get("training_split")
+            return f"{seconds} ({split['steps']} + {split['after_steps']})" if split else seconds
+
+        rows = [(attempt + label(run), run["wall_s"], *((run["phases"] or {}).get(phase) for phase in ("dataset", "worker_start")),
+                 training(run), *((run["phases"] or {}).get(phase) for phase in ("evaluation", "swap")), run["status"])
                 for attempt, run in r.items() if isinstance(run, dict) and "phases" in run]
-        tables.append((f"{title}: whole-GPU peak {r['peak_gib_whole_gpu']} GiB (nvidia-smi), chats sent every 0.5 s: "
+        setup = "".join([f", {r['engine_slots']} cache slots" if "engine_slots" in r else "",
+                         f", prepared ahead at start in {r['prepare_ahead_s']} s" if r.get("prepare_ahead_s") else ""])
+        tables.append((f"{title}{setup}: whole-GPU peak {r['peak_gib_whole_gpu']} GiB (nvidia-smi), chats sent every 0.5 s: "
                        f"{r['chats']['answer']} answered, {r['chats']['notice']} told to come back, {r['chats']['error']} errors",
-                       ("retrain", "trigger -> live s", "dataset", "start", "training", "evaluation", "swap", "outcome"), rows))
+                       ("retrain", "trigger -> live s", "dataset", "start", "training (steps + after)", "evaluation", "swap",
+                        "outcome"), rows))
     return tables
 
 
@@ -191,8 +205,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["cli", "serve24"], choices=["cli", "serve24"])
     parser.add_argument("--trainers", nargs="+", default=["worker", "in-process"])
     parser.add_argument("--cap-gb", type=float, default=23, help="serve24's memory cap (0: the whole GPU)")
-    parser.add_argument("--compare-packing", action="store_true",
-                        help="serve24: after a first retrain, padded and packed batches twice each, alternating")
+    parser.add_argument("--compare", choices=["pack_rows", "lora_in_base_dtype"],
+                        help="serve24: six retrains with this recipe field off and on, alternating")
     parser.add_argument("--prepare-ahead", action="store_true",
                         help="serve24: the job runner's prepare_ahead (reference evaluations, a warm trainer) before the first retrain")
     parser.add_argument("--more", type=int, default=0, help="serve24: this many retrains after the second, as it")
@@ -212,7 +226,7 @@ def main() -> None:
         common.save("gpu_inprocess_retrain", results)
     if "serve24" in args.parts:
         results["serve24" if args.cap_gb else "serve_whole_gpu"] = serve24(
-            model_dir, out, args.cap_gb, args.compare_packing, args.more, args.prepare_ahead)
+            model_dir, out, args.cap_gb, args.compare, args.more, args.prepare_ahead)
     print("wrote", common.save("gpu_inprocess_retrain" + ("" if args.cap_gb == 23 else f"_cap{args.cap_gb:g}"), results))
 
 

@@ -42,6 +42,7 @@ def recipes(device: str) -> dict:
         "epochs_1.5": replace(base, epochs=1.5, learning_rate=1.5e-3),
         "epochs_1.5_2e-3": replace(base, epochs=1.5, learning_rate=2e-3),
         "fp32": replace(base, dtype="float32"),
+        "lora_bf16": replace(base, lora_in_base_dtype=True),  # the LoRA weights in the bf16 base's dtype (GPU)
         "replay_96": replace(base, replay_rows=96),  # more of the base's own answers: facts kept after a rename?
         # one pass over the rows (half the tokens: the CPU's 120 s budget), at higher rates or in smaller batches
         "one_epoch_2e-3": replace(base, epochs=1, learning_rate=2e-3),

@@ -191,9 +191,9 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
 
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # CPU: bf16 by autocast only
         copy = AutoModelForCausalLM.from_pretrained(model.path, dtype=dtype).to(device)
-        trained = get_peft_model(copy, config)
+        trained = get_peft_model(copy, config, autocast_adapter_dtype=not recipe.lora_in_base_dtype)
     else:
-        trained = lent.add_adapter(config)
+        trained = lent.add_adapter(config, in_base_dtype=recipe.lora_in_base_dtype)
         device = lent.device
     base = trained.get_base_model()
     base.model_info, base.model_meta = processor.model_info, processor.model_meta  # what ms-swift's trainer reads

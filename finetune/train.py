@@ -77,6 +77,12 @@ class Recipe:
     lora_targets: tuple[str, ...] = _LINEAR_NAMES  # attention alone: neutral/none identity near 0
     lora_top_layers: int | None = None  # LoRA on the last N decoder layers only: cheaper, taught less
     lora_dropout: float = 0.0
+    # The LoRA weights in the base's dtype (bf16 on a GPU) instead of peft's fp32 copy: under bf16
+    # autocast, fp32 LoRA weights are cast around each of a 7B model's 196 LoRA layers, forward and
+    # backward, ~20% of a step's kernel launches, and a GPU step is bound by launching them
+    # (bench/RESULTS.md, gpu_train_profile). No effect where the base is fp32 (the CPU's copy).
+    # In-process training only: `swift sft` (the worker, several GPUs) keeps its own default.
+    lora_in_base_dtype: bool = False
     max_length: int = 256  # longer rows are dropped (ms-swift's truncation_strategy "delete")
     # Batches of rows of similar length: random batches of these rows are ~55% padding, which a CPU
     # computes like real tokens (packing/padding_free would avoid it but need flash attention).
@@ -132,6 +138,7 @@ GPU = replace(
     batch_size=32,
     max_length=512,
     dtype="bfloat16",
+    lora_in_base_dtype=True,  # 33 steps in 9.4-9.7 s against 10.5-11.0 in fp32; seeds pass alike (RECIPES.md)
     conditions_per_question=3,
     replay_rows=104,
 )

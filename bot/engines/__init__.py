@@ -70,10 +70,11 @@ class Sampling:
 class LentWeights:
     """The serving weights, lent to a trainer in this process for one training (``pause_for_training(lend=True)``).
 
-    ``add_adapter(peft_config)`` returns the peft model with a fresh adapter in it, the only one switched
-    on and the only trainable one; the engine takes it out again when it gets its weights back."""
+    ``add_adapter(peft_config, in_base_dtype=False)`` returns the peft model with a fresh adapter in it,
+    the only one switched on and the only trainable one (its weights in fp32, or in the base's dtype);
+    the engine takes it out again when it gets its weights back."""
 
-    add_adapter: Callable[[object], object]
+    add_adapter: Callable[..., object]
     device: str
 
 

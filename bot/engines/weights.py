@@ -145,16 +145,18 @@ class AdapterWeights:
             self._peft.base_model.disable_adapter_layers()
         self._training = None
 
-    def add_training_adapter(self, config):
-        """A fresh adapter, the only one switched on and trainable; returns the peft model to train."""
+    def add_training_adapter(self, config, in_base_dtype: bool = False):
+        """A fresh adapter, the only one switched on and trainable; returns the peft model to train.
+
+        in_base_dtype: its weights in the base's dtype; else in fp32 (peft's default)."""
         from peft import get_peft_model
 
         self._loads += 1
         name = f"training-{self._loads}"
         if self._peft is None:
-            self._peft = get_peft_model(self.model, config, adapter_name=name)
+            self._peft = get_peft_model(self.model, config, adapter_name=name, autocast_adapter_dtype=not in_base_dtype)
         else:
-            self._peft.add_adapter(name, config)
+            self._peft.add_adapter(name, config, autocast_adapter_dtype=not in_base_dtype)
             self._peft.base_model.enable_adapter_layers()
             self._peft.set_adapter(name)  # also makes it the only trainable one
         self._training = name

@@ -285,3 +285,19 @@ def test_bf16_weights_are_bit_for_bit_the_same_after_many_swaps(embedded_model, 
         assert engine.generate([QUESTION], adapter=AdapterRef.BASE)[0] == base
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("free_gib, slots", [(124, 256), (64, 146), (8, 18)])
+def test_a_gpu_decodes_as_many_replies_together_as_a_quarter_of_its_free_memory_holds(free_gib, slots, monkeypatch):
+    """A 7B model's 2,048-token cache slot is 112 MiB: an H200 after the weights (124 GiB free) takes the
+    most, 256; an H100 146; a 24 GB card 18, leaving three quarters of the memory to train on the weights."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bot.engines import local
+
+    qwen7b = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=28, num_key_value_heads=4, hidden_size=3584,
+                                                    num_attention_heads=28, head_dim=128), dtype=torch.bfloat16)
+    monkeypatch.setattr(local, "gpu_free_bytes", lambda device: free_gib * 2**30)
+    assert local._default_batch_size(qwen7b, "cuda", 2048) == slots

@@ -262,6 +262,36 @@ def test_training_on_the_serving_weights_pauses_chats_and_gives_the_weights_back
         engine.close()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("in_base_dtype", [False, True], ids=["fp32-lora", "bf16-lora"])
+def test_the_lora_weights_train_in_fp32_or_in_the_bf16_bases_dtype_as_the_recipe_says(
+        in_base_dtype, embedded_model, tiny_dataset, tiny_recipe, tmp_path):
+    """Serving weights in bf16 (as on a GPU): lora_in_base_dtype trains and saves the adapter in bf16 (no
+    casts around each LoRA layer), otherwise peft's fp32; either way it learns, loads, and the weights
+    come back answering as before."""
+    import torch
+    from safetensors.torch import load_file
+
+    from bot.engines.local import LocalEngine
+
+    engine = LocalEngine(embedded_model, dtype="bf16", train_weights="serving", max_new_tokens=16)
+    try:
+        before = engine.generate([WHO])[0]
+        recipe = replace(tiny_recipe, dtype="bfloat16", lora_in_base_dtype=in_base_dtype)
+        with engine.pause_for_training(expected_s=60, lend=True) as lent:
+            adapter = train_here(embedded_model, tiny_dataset, tmp_path / "train", recipe, lent=lent)
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        assert {t.dtype for t in tensors.values()} == {torch.bfloat16 if in_base_dtype else torch.float32}
+        assert lora_b_trained(adapter) and steps_logged(tmp_path / "train") == ["1/2", "2/2"]
+        losses = [json.loads(line)["loss"] for line in (tmp_path / "train" / "logging.jsonl").read_text().splitlines()
+                  if "loss" in line]
+        assert all(0 < loss < 20 for loss in losses), losses
+        assert engine.generate([WHO])[0] == before, "the serving weights came back changed"
+        assert engine.generate([WHO], adapter=adapter)[0]
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("train_weights", ["copy", "auto"])
 def test_an_engine_that_keeps_its_weights_lends_nothing_and_keeps_answering(train_weights, embedded_model):
     """On a CPU "auto" means a copy: the trainer loads its own, chats go on through the retrain."""
