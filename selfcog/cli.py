@@ -15,10 +15,12 @@ import json
 import logging
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import click
 
+from bot.errors import UserError
 from bot.run_summary import duration, summarize
 from selfcog.config import Settings
 
@@ -99,8 +101,6 @@ class FriendlyGroup(click.Group):
         return super().main(args, **extra)
 
     def invoke(self, ctx):
-        from bot.errors import UserError
-
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -332,6 +332,9 @@ def corrections_export(ctx: Context, status, output):
 def retrain(ctx: Context, queue_only, cancel, trained, as_json):
     """Retrain the adapter from the approved corrections; promote it if it passes the gate.
 
+    Where a `selfcog serve` runs on this data, its job runner carries the retrain (on the weights it
+    already holds, prepared ahead) and this command follows it to the end; otherwise it runs here.
+
         selfcog retrain --json
         selfcog retrain --adapter runs/multi-gpu/checkpoint-42   # gate an adapter trained elsewhere
     """
@@ -343,18 +346,32 @@ def retrain(ctx: Context, queue_only, cancel, trained, as_json):
     if queue_only:
         click.echo(summarize(admin.request_retrain("cli", "cli")).outcome_line)
         return
-    from finetune.jobs import run_retrain
-    from selfcog.serve import job_settings
+    if trained is None and ctx.store.runs.runner_alive():
+        # A second copy of the model here would double the GPU memory (a 24 GB card runs out) and
+        # start cold; the server's runner has the weights, the warm trainer and the cached references.
+        run = admin.request_retrain("cli", "cli")
+        if not as_json:
+            click.echo(f"Retrain #{run['id']}: handed to the running `selfcog serve`; following it here "
+                       "(Ctrl-C stops following, not the retrain).", err=True)
+        try:
+            report = _follow(ctx.store, run["id"], quiet=as_json).get("report") or {}
+        except KeyboardInterrupt:
+            click.echo(f"Stopped following. Retrain #{run['id']} goes on in `selfcog serve`: `selfcog status` shows "
+                       "it, `selfcog retrain --cancel` stops it.", err=True)
+            sys.exit(130)
+    else:
+        from finetune.jobs import run_retrain
+        from selfcog.serve import job_settings
 
-    run = admin.request_retrain("cli", "cli", claim=True, trained=trained is not None)  # raises if one is active
-    try:
-        model = ctx.resolve_model()
-        engine = ctx.engine()
-    except BaseException as e:
-        ctx.store.runs.finish(run["id"], "failed", error=str(e))
-        raise
-    report = run_retrain(run, store=ctx.store, engine=engine, model=model,
-                         settings=job_settings(ctx.settings, engine), trained=trained)
+        run = admin.request_retrain("cli", "cli", claim=True, trained=trained is not None)  # raises if one is active
+        try:
+            model = ctx.resolve_model()
+            engine = ctx.engine()
+        except BaseException as e:
+            ctx.store.runs.finish(run["id"], "failed", error=str(e))
+            raise
+        report = run_retrain(run, store=ctx.store, engine=engine, model=model,
+                             settings=job_settings(ctx.settings, engine), trained=trained)
     summary = summarize(ctx.store.runs.get(run["id"]))
     if as_json:
         echo_json({k: report.get(k) for k in ("run_id", "status", "promoted", "adapter", "metrics", "seconds",
@@ -367,6 +384,32 @@ def retrain(ctx: Context, queue_only, cancel, trained, as_json):
         click.echo(f"{summary.outcome_line} Took {duration(summary.seconds)}.")
     if summary.status == "failed":
         sys.exit(1)
+
+
+def _follow(store, run_id: int, *, quiet: bool, poll_s: float = 0.5, server_gone_s: float = 60) -> dict:
+    """Wait for the run a `selfcog serve` carries to finish; say its progress (stderr) as it changes.
+
+    If no job runner beats for ``server_gone_s`` (the server stopped), a run it left running is marked
+    failed, and one still queued is left for the next server, with a message that says so."""
+    said, gone_since = None, None
+    while True:
+        run = store.runs.get(run_id)
+        if run["status"] not in ("queued", "running"):
+            return run
+        line = summarize(run).outcome_line
+        if not quiet and line != said:
+            click.echo(line, err=True)
+            said = line
+        if store.runs.runner_alive():
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since > server_gone_s:
+            store.runs.reap_dead()
+            if store.runs.get(run_id)["status"] == "queued":
+                raise UserError(f"retrain #{run_id} is queued, but the `selfcog serve` that was to carry it "
+                                "stopped: start it again, or `selfcog retrain --cancel`")
+        time.sleep(poll_s)
 
 
 @cli.command("eval")

@@ -156,10 +156,10 @@ def held_replay(tmp_path) -> Replay:
     return Replay.holding(recorded, 1, tmp_path)
 
 
-def start_retrain(cli_env, replay: Replay | None = None) -> subprocess.Popen:
+def start_retrain(cli_env, replay: Replay | None = None, args: tuple[str, ...] = ("--json",)) -> subprocess.Popen:
     """`selfcog retrain --json` in its own process group; with ``replay``, its training worker replays."""
-    command = (replay.selfcog_command("retrain", "--json") if replay
-               else [str(Path(sys.executable).with_name("selfcog")), "retrain", "--json"])
+    command = (replay.selfcog_command("retrain", *args) if replay
+               else [str(Path(sys.executable).with_name("selfcog")), "retrain", *args])
     return subprocess.Popen(command, env=cli_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
@@ -218,6 +218,42 @@ def test_one_retrain_at_a_time_and_cancel(seeded, run_cli, cli_env, held_replay)
     finally:
         first.kill()
     assert json.loads(out)["status"] == "cancelled"
+    assert seeded.runs.get(run["id"])["status"] == "cancelled" and seeded.adapters.active() is None
+
+
+def test_retrain_beside_a_running_server_hands_the_job_to_it_and_follows_it(
+        seeded, cli_env, run_cli, held_replay, engine, embedded_model, data_dir, cache_dir, monkeypatch):
+    """With `selfcog serve`'s job runner alive on the data (here in this test's process), `selfcog retrain`
+    loads no model of its own: the runner trains (its pid owns the run), the command prints the progress
+    and ends with the run's outcome."""
+    import threading
+
+    from finetune.jobs import JobRunner, JobSettings
+
+    held_replay.install(monkeypatch)  # workers this process starts (the runner's) replay, held at step 1
+    stop = threading.Event()
+    runner = JobRunner(JobSettings(data_dir, cache_dir, trainer="worker"), seeded, model=embedded_model,
+                       engine=engine, poll_s=0.2).start(stop)
+    try:
+        deadline = time.monotonic() + 60
+        while not seeded.runs.runner_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        retrain = start_retrain(cli_env, args=())  # the real console script; it trains nothing itself
+        try:
+            run = wait_for_training(seeded)
+            assert (run["trigger"], run["pid"]) == ("cli", os.getpid()), "the server's runner trains it"
+            time.sleep(2)  # the command looks every 0.5 s: let it print step 1 before the cancel
+            assert "cancel requested" in run_cli("retrain", "--cancel", check=True).stdout
+            out, err = retrain.communicate(timeout=120)
+        finally:
+            retrain.kill()
+    finally:
+        stop.set()
+        runner.join(timeout=120)
+    assert retrain.returncode == 0, err
+    assert f"Retrain #{run['id']}: handed to the running `selfcog serve`" in err
+    assert f"Retrain #{run['id']}: training, step 1/3" in err, "the progress, as the runner records it"
+    assert f"Retrain #{run['id']} cancelled; the live weights stay." in out
     assert seeded.runs.get(run["id"])["status"] == "cancelled" and seeded.adapters.active() is None
 
 

@@ -240,3 +240,14 @@ def test_file_problems_are_one_line(run_cli, tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     assert_one_line_error(run_cli("status", env={"SELFCOG_DATA_DIR": str(a_file / "data")}), str(a_file))
+
+
+def test_following_a_retrain_whose_server_stopped_says_so_instead_of_waiting_forever(data_dir):
+    from bot.errors import UserError
+    from selfcog.cli import _follow
+
+    store = Store(data_dir / "selfcog.db")
+    run = store.runs.request("cli", "cli")  # queued for a `selfcog serve` that is not there (any more)
+    with pytest.raises(UserError, match=rf"retrain #{run['id']} is queued, but the `selfcog serve` .* stopped"):
+        _follow(store, run["id"], quiet=True, poll_s=0.05, server_gone_s=0.2)
+    assert store.runs.get(run["id"])["status"] == "queued", "left for the next server, or --cancel"
