@@ -74,13 +74,19 @@ def worker_is_ready(pid: int, quiet_s: float = 3.0, limit_s: float = 300) -> flo
 PATHS = {
     # what landed before issue 14: a warm worker process (ms-swift's `swift sft`, padded random batches),
     # the recipe's rate then (1e-3), every model computation in fp32
-    "worker": {"trainer": "worker", "engine_dtype": "fp32", "train_dtype": "float32", "learning_rate": 1e-3},
+    "worker": {"trainer": "worker", "engine_dtype": "fp32", "train_dtype": "float32", "learning_rate": 1e-3,
+               "label": "worker, padded, lr 1e-3, fp32 (before)"},
     # the default now: ms-swift's trainer in the serving process on a copy of the weights, each batch's rows
-    # packed, the recipe's rate (1.5e-3), fp32
-    "in-process": {"trainer": "in-process", "engine_dtype": "fp32", "train_dtype": "float32"},
+    # packed, the recipe's rate (1.5e-3), fp32; the engine decodes up to 256 replies at once
+    "in-process": {"trainer": "in-process", "engine_dtype": "fp32", "train_dtype": "float32",
+                   "label": "in process, packed, fp32 (now)"},
+    # the same with the engine's slots of before (64): what the evaluation gains from 256
+    "in-process-64-slots": {"trainer": "in-process", "engine_dtype": "fp32", "train_dtype": "float32", "slots": 64,
+                            "label": "in process, packed, fp32, 64 slots"},
     # the same with bf16 autocast in training and a bf16 engine (SELFCOG_DTYPE=bf16,
     # SELFCOG_TRAIN_DTYPE=bfloat16) where the CPU has bf16 instructions: faster, quality unmeasured over seeds
-    "in-process-bf16": {"trainer": "in-process", "engine_dtype": "bf16", "train_dtype": "bfloat16"},
+    "in-process-bf16": {"trainer": "in-process", "engine_dtype": "bf16", "train_dtype": "bfloat16",
+                        "label": "in process, packed, bf16"},
 }
 
 
@@ -95,9 +101,12 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
     data_dir = common.OUT / "cpu_retrain" / kind
     store = common.five_correction_store(data_dir)
 
-    engine = LocalEngine(model, active_adapter=store.adapters.active, max_new_tokens=64, dtype=path["engine_dtype"])
-    out = {"engine_slots": engine.capacity, "engine_dtype": engine.precision, "train_dtype": recipe.dtype}
+    engine = LocalEngine(model, active_adapter=store.adapters.active, max_new_tokens=64, dtype=path["engine_dtype"],
+                         batch_size=path.get("slots"))
+    out = {"engine_slots": engine.capacity, "engine_dtype": engine.precision, "train_dtype": recipe.dtype,
+           "date": common.machine()["date"]}
     out["caches"] = cold_caches(engine, model, cache_dir)  # what a running server has computed once already
+    cached = set((cache_dir / "eval").glob("*.json"))  # the candidate's evaluation is removed after the run
     warm = None
     if path["trainer"] == "worker":
         warm = WarmWorkers(prestart=True)  # what `selfcog serve` holds from its start
@@ -113,6 +122,8 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
     finally:
         if warm is not None:
             warm.close()
+        for made in set((cache_dir / "eval").glob("*.json")) - cached:  # two paths may train the same adapter,
+            made.unlink()  # and each must evaluate it
     out["phases"] = report.get("phases")
     seen = clock.seen
     out |= {
@@ -184,15 +195,16 @@ def main() -> None:
 
 
 def summary(results: dict) -> list[tuple]:
-    runs = [results.get(kind, {}) for kind in PATHS]
-    before, now = runs[0], runs[1]
+    kinds = [kind for kind in PATHS if kind in results]
+    runs = [results[kind] for kind in kinds]
+    before, now = results.get("worker", {}), results.get("in-process", {})
 
     def phase(r, name):
         return (r.get("phases") or {}).get(name)
 
     def row(label, name, target=""):
-        values = [phase(r, name) for r in runs]
-        return (label, *values, common.ratio(values[1], values[0], lower_is_better=True), target)
+        return (label, *(phase(r, name) for r in runs),
+                common.ratio(phase(now, name), phase(before, name), lower_is_better=True), target)
 
     def candidate(r, key, way=None):
         value = ((r.get("metrics") or {}).get("candidate") or {}).get(key)
@@ -209,6 +221,8 @@ def summary(results: dict) -> list[tuple]:
          common.ratio(now.get("retrain_s"), before.get("retrain_s"), True), "<= 120"),
         ("outcome", *(r.get("status") for r in runs), None, "promoted"),
         ("engine / training dtype", *(f"{r.get('engine_dtype')} / {r.get('train_dtype')}" for r in runs), None, ""),
+        ("engine slots", *(r.get("engine_slots") for r in runs), None, ""),
+        ("run at", *(r.get("date") for r in runs), None, ""),
     ]
     rows += [(f"identity: {way}", *(candidate(r, "identity", way) for r in runs), None,
               ">= 0.9" if way == "product" else ">= 0.8") for way in ("product", "neutral", "none", "late_turn")]
@@ -217,13 +231,12 @@ def summary(results: dict) -> list[tuple]:
              ("checkable facts kept", *("{}/{}".format(*candidate(r, "facts")) if candidate(r, "facts") else None
                                         for r in runs), None, ">= base's - 2")]
     once = [(f"{kind}: {what}", (results.get(kind, {}).get("caches") or {}).get(key))
-            for kind in PATHS
+            for kind in kinds
             for what, key in (("general answers of the base model s", "general_answers_s"),
                               ("the base model's evaluation s", "base_evaluation_s"))]
     return [(f"CPU retrain, {results.get('model')}, {recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
              f"dataset seed 1 (the suite's), one run",
-             ("", "worker, padded, lr 1e-3, fp32 (before)", f"in process, packed, lr {recipe.get('learning_rate')}, fp32 (now)",
-              "in process, packed, bf16", "ratio now/before", "target"),
+             ("", *(PATHS[kind]["label"] for kind in kinds), "ratio now/before", "target"),
              rows),
             ("Computed once per base model and precision, before the trigger (0 when cached)", ("", "seconds"), once)]
 

@@ -29,9 +29,18 @@ log = logging.getLogger(__name__)
 LLAMA_FAMILY = ("llama", "qwen2", "mistral")
 
 
-def make_decoder(model, *, capacity: int, max_len: int, cuda_graphs: bool = True):
-    """The fastest decoder that supports ``model`` (a transformers causal LM, adapters not yet applied)."""
-    config = model.config
+def make_decoder(model, *, capacity: int, max_len: int, cuda_graphs: bool = True, kv_budget: int | None = None):
+    """The fastest decoder that supports ``model`` (a transformers causal LM, adapters not yet applied).
+
+    kv_budget: bytes the KV cache may take on a CPU, where it grows as replies need it (see LlamaDecoder.fits)."""
+    if has_fast_decoder(model.config, max_len):
+        return LlamaDecoder(model, capacity=capacity, max_len=max_len, cuda_graphs=cuda_graphs, kv_budget=kv_budget)
+    log.info("%s has no fast decoder here: using transformers' forward, one reply at a time", model.config.model_type)
+    return HFDecoder(model, capacity=capacity, max_len=max_len)
+
+
+def has_fast_decoder(config, max_len: int) -> bool:
+    """Whether LlamaDecoder runs this model (a Llama-family architecture it reproduces exactly)."""
     plain = (config.model_type in LLAMA_FAMILY and not getattr(config, "use_sliding_window", False)
              and getattr(config, "hidden_act", "silu") == "silu" and not getattr(config, "mlp_bias", False)
              # RoPE tables are computed once for every position: only position-independent scalings
@@ -39,19 +48,16 @@ def make_decoder(model, *, capacity: int, max_len: int, cuda_graphs: bool = True
                  "default", "linear", "llama3", "yarn"))
     if config.model_type == "mistral" and getattr(config, "sliding_window", None):
         plain = plain and config.sliding_window >= max_len
-    if plain:
-        return LlamaDecoder(model, capacity=capacity, max_len=max_len, cuda_graphs=cuda_graphs)
-    log.info("%s has no fast decoder here: using transformers' forward, one reply at a time", config.model_type)
-    return HFDecoder(model, capacity=capacity, max_len=max_len)
+    return plain
 
 
 class LlamaDecoder:
     """Llama-family forward with a slot KV cache; see the module docstring."""
 
-    def __init__(self, model, *, capacity: int, max_len: int, cuda_graphs: bool = True):
+    def __init__(self, model, *, capacity: int, max_len: int, cuda_graphs: bool = True, kv_budget: int | None = None):
         config = model.config
         inner = model.model
-        self.capacity, self.max_len = capacity, max_len
+        self.capacity, self.max_len, self.kv_budget = capacity, max_len, kv_budget
         self.device = next(model.parameters()).device
         # padded prompt tokens per prefill forward: bounds the pause the running replies see
         self.prefill_tokens = 8192 if self.device.type == "cuda" else 512
@@ -74,12 +80,17 @@ class LlamaDecoder:
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
         # The cache is zeroed (a masked position must hold finite numbers: 0 x NaN is NaN) and, on a CPU,
-        # grows in length as replies need it; CUDA graphs need it whole and fixed from the start.
+        # grows in rows and length as replies need it (within kv_budget: see fits); CUDA graphs need it
+        # whole and fixed from the start.
         self.graphs = _DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" else None
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self.allocated = 0
-        self._reserve(max_len if self.graphs is not None else min(max_len, 128))
+        self.rows = self.allocated = 0
+        self.bytes_per_position = 2 * len(self.layers) * self.n_kv * self.head_dim * self.dtype.itemsize
+        if self.graphs is not None:
+            self._reserve(max_len, capacity)
+        else:
+            self.trim()
         if self.graphs is not None:
             self.graphs.capture_all()  # ~1 s for a 7B model; otherwise the first replies of each size pay it
 
@@ -91,6 +102,7 @@ class LlamaDecoder:
         Prompts that start alike (the same system prompt: an evaluation asks 260 questions under four,
         and 61% of its prompt tokens are such a shared start) have that start computed once, into the
         first slot, and copied to the others; then each prompt's own rest runs in one forward."""
+        self._reserve(max(map(len, prompts)), max(slots) + 1)
         shared = shared_prefix_len(prompts) if len(prompts) > 1 else 0
         if shared < MIN_SHARED_PREFIX:
             return self._prefill(slots, prompts, start=0)
@@ -106,7 +118,7 @@ class LlamaDecoder:
         the padding after them, and the padding's cache entries lie past the prompt's end, where a decode
         step overwrites them before anything reads them."""
         b, n = len(prompts), max(map(len, prompts))
-        self._reserve(start + n)
+        self._reserve(start + n, max(slots) + 1)
         ids = torch.tensor([p + [0] * (n - len(p)) for p in prompts], device=self.device)
         rows = torch.tensor(slots, device=self.device)
         x = self.embed(ids)  # [b, n, hidden]
@@ -138,7 +150,7 @@ class LlamaDecoder:
         n = len(tokens)
         if self.graphs is not None:
             return self.graphs.run(tokens, positions)
-        self._reserve(max(positions) + 1)
+        self._reserve(max(positions) + 1, n)
         tokens_t = torch.tensor(tokens, device=self.device)
         positions_t = torch.tensor(positions, device=self.device)
         return self._decode(tokens_t, positions_t, kv_len=max(positions) + 1)[:n].float()
@@ -169,23 +181,53 @@ class LlamaDecoder:
         return _linear(_rms_norm(x, self.final_norm.weight, self.eps), self.lm_head)
 
     # --- cache bookkeeping ----------------------------------------------------------------------
-    def _reserve(self, length: int) -> None:
-        """Make the cache hold at least ``length`` positions per slot (doubling, up to max_len)."""
-        if length <= self.allocated:
-            return
+    # On a CPU the cache grows in steps of ROW_STEP rows and LENGTH_STEP positions, so that `fits` knows
+    # what a step will allocate and no more is ever taken than the budget.
+    ROW_STEP, LENGTH_STEP = 16, 128
+
+    def _grown(self, length: int, rows: int) -> tuple[int, int]:
+        """The (length, rows) the cache has after growing to hold ``rows`` replies of ``length`` positions."""
+        step_up = lambda n, step, most: min(most, -(-n // step) * step)  # noqa: E731
+        return (max(self.allocated, step_up(length, self.LENGTH_STEP, self.max_len)),
+                max(self.rows, step_up(rows, self.ROW_STEP, self.capacity)))
+
+    def fits(self, rows: int, length: int) -> bool:
+        """Whether ``rows`` replies of up to ``length`` positions each fit the KV budget (always, without one).
+
+        The engine asks before it admits a reply, with each reply's longest possible length (prompt +
+        max_new_tokens), so a reply once admitted never needs memory the budget lacks: on a CPU an
+        evaluation decodes 256 short answers together, and a few long chats at once take the same bytes."""
+        if self.kv_budget is None:
+            return True
+        length, rows = self._grown(min(length, self.max_len), rows)
+        return rows * length * self.bytes_per_position <= self.kv_budget
+
+    def trim(self) -> None:
+        """Give back what the cache grew to (nothing is running): a CPU starts again at 16 rows x 128."""
+        first = (min(self.max_len, self.LENGTH_STEP), min(self.capacity, self.ROW_STEP))
+        if self.graphs is None and (self.allocated, self.rows) != first:
+            self.k, self.v, self.rows, self.allocated = [], [], 0, 0
+            self._reserve(*first)
+
+    def _reserve(self, length: int, rows: int) -> None:
+        """Make the cache hold at least ``rows`` slots of ``length`` positions (growing in steps, see above)."""
         if length > self.max_len:
             raise ValueError(f"a reply needs {length} positions; the cache holds {self.max_len}")
-        new = min(self.max_len, max(length, 2 * self.allocated))
-        shape = (self.capacity, self.n_kv, new, self.head_dim)
+        if rows > self.capacity:
+            raise ValueError(f"{rows} replies at once; the cache holds {self.capacity}")
+        if length <= self.allocated and rows <= self.rows:
+            return
+        new_length, new_rows = self._grown(length, rows)
+        shape = (new_rows, self.n_kv, new_length, self.head_dim)
         for cache in (self.k, self.v):
             for i in range(len(self.layers)):
                 grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 if cache[i:]:
-                    grown[:, :, :self.allocated] = cache[i]
+                    grown[:self.rows, :, :self.allocated] = cache[i]
                     cache[i] = grown
                 else:
                     cache.append(grown)
-        self.allocated = new
+        self.allocated, self.rows = new_length, new_rows
 
     @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
@@ -331,6 +373,12 @@ class HFDecoder:
                              cache_position=torch.tensor([position], device=self.device))
             rows.append(out.logits[0, -1].float())
         return torch.stack(rows)
+
+    def fits(self, rows: int, length: int) -> bool:
+        return True  # a cache per reply, as long as the reply: capacity bounds the memory (see the engine)
+
+    def trim(self) -> None:
+        pass
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.caches[dst] = self.caches.pop(src)

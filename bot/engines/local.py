@@ -8,7 +8,9 @@ All model work happens on the worker thread, which runs the scheduler:
 - Every request (a streamed chat reply, or each conversation of a ``generate`` batch) becomes a
   ``_Sequence`` and waits in one first-come-first-served line.
 - Each step the worker admits waiting sequences into free cache slots (prefilling their prompts
-  together, padded, in one forward, which gives each its first token), then decodes one more token
+  together, padded, in one forward, which gives each its first token); on a CPU only while the cache
+  they may grow to (each one's prompt and max_new_tokens) fits its budget, so 256 short answers of an
+  evaluation decode together and a few long chats take the same memory. Then it decodes one more token
   for *all* running sequences in a single batched forward (bot/engines/decoder.py), and picks each
   one's next token by its own settings (bot/engines/sampler.py). A new chat joins at the next step
   boundary instead of waiting for the replies already running to finish.
@@ -63,7 +65,7 @@ from bot.engines import (AdapterRef, EngineError, LentWeights, Messages, Reply, 
                          store_live_adapter)
 from bot.hardware import apply_gpu_memory_cap, cpu_has_fast_bf16, gpu_free_bytes  # noqa: E402
 
-from bot.engines.decoder import HFDecoder, make_decoder  # noqa: E402
+from bot.engines.decoder import HFDecoder, has_fast_decoder, make_decoder  # noqa: E402
 from bot.engines.sampler import generator_for, pick_tokens  # noqa: E402
 from bot.engines.weights import LIVE, AdapterWeights, Weights, weights_for  # noqa: E402
 from bot.models import ModelNotFound, ResolvedModel  # noqa: E402
@@ -119,10 +121,15 @@ class LocalEngine:
         limit = getattr(self.base.config, "max_position_embeddings", None) or max_context_tokens
         self.max_context_tokens = min(max_context_tokens, limit)
         self._stop_ids = _stop_token_ids(self.tokenizer, self.base)
-        self.capacity = batch_size or _default_batch_size(self.base, self.device, self.max_context_tokens)
+        # On a CPU the fast decoder's cache grows as replies need it, within a budget it checks before each
+        # reply is admitted: many short replies (an evaluation) or a few long ones take the same memory.
+        kv_budget = (kv_cache_budget() if merge and not self.device.startswith("cuda")
+                     and has_fast_decoder(self.base.config, self.max_context_tokens) else None)
+        self.capacity = batch_size or (CPU_MOST_SLOTS if kv_budget else
+                                       _default_batch_size(self.base, self.device, self.max_context_tokens))
         if merge:
             self._decoder = make_decoder(self.base, capacity=self.capacity, max_len=self.max_context_tokens,
-                                         cuda_graphs=cuda_graphs)
+                                         cuda_graphs=cuda_graphs, kv_budget=kv_budget)
         else:
             self._decoder = HFDecoder(self.base, capacity=self.capacity, max_len=self.max_context_tokens)
         log.info("loaded %s on %s (%s, %s, %d slots) in %.1f s", self.name, self.device, torch_dtype,
@@ -343,10 +350,15 @@ class LocalEngine:
         if any(c.when_idle for c in self._controls):
             self._retire_finished()  # the running replies drain; then the control runs
             return
+        longest = max((self._longest(x) for x in [*self._running, *group]), default=0)
         while self._waiting and self._weights.computes(self._waiting[0].weights):
             s = self._waiting[0]
             if len(self._running) + len(group) >= self.capacity:
                 break
+            rows, longest_with_s = len(self._running) + len(group) + 1, max(longest, self._longest(s))
+            if rows > 1 and not self._decoder.fits(rows, longest_with_s):
+                break  # it waits for replies to finish; a reply alone always runs
+            longest = longest_with_s
             padded = max(len(x.prompt) for x in [s, *group]) * (len(group) + 1)
             if group and padded > self._decoder.prefill_tokens:
                 self._prefill(group)
@@ -359,6 +371,10 @@ class LocalEngine:
                 group.append(s)
         self._prefill(group)
         self._retire_finished()
+
+    def _longest(self, s: _Sequence) -> int:
+        """The most cache positions a reply can need: its prompt and every token it may generate."""
+        return min(len(s.prompt) + s.max_new_tokens, self.max_context_tokens)
 
     def _prefill(self, group: list[_Sequence]) -> None:
         """Put a group of new sequences in the next free slots; their prompts' forward gives their first tokens."""
@@ -435,6 +451,8 @@ class LocalEngine:
             else:  # the last sequence moves into the hole
                 self._decoder.move(len(self._running), i, last.cache_len)
                 self._running[i] = last
+        if not self._running and not self._waiting:
+            self._decoder.trim()  # on a CPU, what the cache grew to goes back until the next reply
 
     def _finish(self, s: _Sequence) -> None:
         if s.pieces is not None:
@@ -528,20 +546,33 @@ def _stop_token_ids(tokenizer, model) -> set[int]:
 
 
 def _default_batch_size(model, device: str, max_len: int) -> int:
-    """As many replies decode together as a quarter of the free memory holds in KV cache: up to 64 on a
-    CPU, 256 on a GPU.
+    """On a GPU: as many replies decode together as a quarter of the free memory holds in full-length KV
+    cache rows (CUDA graphs need the cache whole from the start), up to 256. On a CPU without the fast
+    decoder (HFDecoder), the same rule up to 64; the fast decoder budgets its cache instead (CPU_MOST_SLOTS).
 
-    Even on two CPU cores 64 pays: one decode step reads all weights once whatever the batch, so the
-    216 answers of an evaluation took 67 s at 64 slots, 109 s at 32 and 155 s at 16 (idle 2-core VM,
-    SmolLM2-135M fp32, 2026-11-23). On a GPU a retrain's evaluation (260 answers of a 7B model) took
-    4.1-4.7 s at 64 slots, 3.0-3.3 s at 128 and 2.7-2.8 s at 256 (H200, 2026-11-30; bench/gpu_decode.py
-    --eval-slots); 256 slots of a 7B model's cache are 30 GB. A lone chat decodes at the same speed
-    either way. The other three quarters stay free for training on these weights."""
+    More replies at once pay even on two CPU cores: one decode step reads all weights once whatever the
+    batch, so the 216 answers of an evaluation took 67 s at 64 slots, 109 s at 32 and 155 s at 16 (idle
+    2-core VM, SmolLM2-135M fp32, 2026-11-23). On a GPU a retrain's evaluation (260 answers of a 7B model)
+    took 4.1-4.7 s at 64 slots, 3.0-3.3 s at 128 and 2.7-2.8 s at 256 (H200, 2026-11-30; bench/gpu_decode.py
+    --eval-slots); 256 slots of a 7B model's cache are 30 GB. A lone chat decodes at the same speed either
+    way. The other three quarters stay free for training on these weights."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * max_len * model.dtype.itemsize
     if device.startswith("cuda"):
         free, most = gpu_free_bytes(device), 256
     else:
-        free, most = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), 64
+        free, most = kv_cache_budget() * 4, 64
     return max(1, min(most, int(free * 0.25 // per_slot)))
+
+
+# On a CPU the fast decoder admits up to this many replies at once, as many as its KV budget holds at
+# their longest: the 260 answers of an evaluation took 61-63 s at 256 against 82-87 s at 64 (2-core AMD
+# EPYC, SmolLM2-135M fp32, 2026-11-30; bench/cpu_decode.py --eval-slots), in 3.5 GB of cache.
+CPU_MOST_SLOTS = 256
+
+
+def kv_cache_budget() -> int:
+    """The bytes a CPU's KV cache may take: a quarter of the memory free at start (the rest is the
+    weights, a trainer's copy of them, and the machine's other work)."""
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4

@@ -299,3 +299,57 @@ def test_sampling_picks_what_transformers_generate_picks(tiny_llama, tiny_engine
                               repetition_penalty=sampling.repetition_penalty, pad_token_id=2)[0, len(prompt):]
     reply = tiny_engine.stream(conversation, max_new_tokens=30, sampling=dataclasses.replace(sampling, seed=7))
     assert "".join(reply).strip() == tiny_engine.tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+def test_a_cpu_cache_grows_as_replies_need_it_and_says_what_fits_its_budget(tiny_llama):
+    """On a CPU the cache starts at 16 rows x 128 positions, grows in those steps as replies need it, and
+    `fits` answers for the cache it would grow to; trim gives it back and decoding goes on the same."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.path).eval()
+    unbudgeted = make_decoder(model, capacity=64, max_len=1024)
+    probe = make_decoder(model, capacity=64, max_len=1024)
+    decoder = make_decoder(model, capacity=64, max_len=1024, kv_budget=32 * 256 * probe.bytes_per_position)
+    assert (decoder.rows, decoder.allocated) == (16, 128) and unbudgeted.fits(64, 1024)
+    assert decoder.fits(32, 200) and not decoder.fits(33, 200)  # 48 rows x 256 > 32 x 256
+    assert decoder.fits(16, 500) and not decoder.fits(17, 500)  # 16 x 512 fits, 32 x 512 does not
+
+    ids = [1, 500, 42, 7000, 123, 9, 31000]
+    expected = _greedy_decoder(unbudgeted, ids, 6)
+    decoder.prefill([20], [ids])
+    assert (decoder.rows, decoder.allocated) == (32, 128), "rows grew to hold slot 20"
+    decoder.prefill([0], [ids + [5] * 300])
+    assert (decoder.rows, decoder.allocated) == (32, 384), "length grew in steps of 128"
+    decoder.trim()
+    assert (decoder.rows, decoder.allocated) == (16, 128)
+    assert _greedy_decoder(decoder, ids, 6) == expected
+
+
+@pytest.mark.parametrize("max_new_tokens, most_rows", [(12, 36), (400, 16)])
+def test_replies_beyond_the_cache_budget_wait_their_turn_and_answer_the_same(
+        max_new_tokens, most_rows, tiny_llama, tiny_engine, monkeypatch):
+    """A CPU engine admits replies while the cache they may grow to fits its budget (here 16 rows x 512
+    positions): 36 short replies at once (36 x 128 fit), long ones (up to ~420 positions) 16 at a time; the
+    rest wait, and every reply gets the answer it gets in a batch of 4."""
+    from bot.engines import local
+
+    per_position = make_decoder_for(tiny_llama).bytes_per_position
+    monkeypatch.setattr(local, "kv_cache_budget", lambda: 16 * 512 * per_position)
+    engine = LocalEngine(tiny_llama, active_adapter=lambda: None, max_new_tokens=12, poll_s=0.05, dtype="fp32")
+    try:
+        assert engine.capacity == local.CPU_MOST_SLOTS
+        rows = []
+        decode = engine._decoder.decode
+        engine._decoder.decode = lambda tokens, positions: rows.append(len(tokens)) or decode(tokens, positions)
+        questions = QUESTIONS * 6  # 36 replies
+        answers = engine.generate(questions, max_new_tokens=max_new_tokens)
+        assert max(rows) == most_rows
+        assert answers == tiny_engine.generate(questions, max_new_tokens=max_new_tokens)
+    finally:
+        engine.close()
+
+
+def make_decoder_for(model: ResolvedModel) -> LlamaDecoder:
+    from transformers import AutoModelForCausalLM
+
+    return make_decoder(AutoModelForCausalLM.from_pretrained(model.path).eval(), capacity=1, max_len=128)
