@@ -66,6 +66,8 @@ class Context:
         else:
             raise click.UsageError("--adapter takes 'base' or a version number")
         engine = make_engine(self.settings, self.resolve_model(), active_adapter=follow)
+        if (command := click.get_current_context(silent=True)) is not None:
+            command.call_on_close(engine.close)  # its thread stops before the interpreter does
         if engine.adapter_error:
             raise click.ClickException(engine.adapter_error)
         return engine

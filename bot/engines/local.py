@@ -438,21 +438,26 @@ class LocalEngine:
 
     def _retire_finished(self) -> None:
         """Finish done, cancelled and failed sequences; keep the running ones packed in slots 0..n-1."""
-        i = 0
+        finished, i = [], 0
         while i < len(self._running):
             s = self._running[i]
             if not (s.done or s.cancelled or s.error):
                 i += 1
                 continue
-            self._finish(s)
+            finished.append(s)
             last = self._running.pop()
             if last is s:
                 self._decoder.release(i)
             else:  # the last sequence moves into the hole
                 self._decoder.move(len(self._running), i, last.cache_len)
                 self._running[i] = last
-        if not self._running and not self._waiting:
-            self._decoder.trim()  # on a CPU, what the cache grew to goes back until the next reply
+        if finished and not self._running and not self._waiting:
+            # On a CPU, what the cache grew to goes back until the next reply. Before the replies are
+            # handed over: a caller that then exits must find this thread idle, not inside torch
+            # (an interpreter exiting under a running torch op aborts the process).
+            self._decoder.trim()
+        for s in finished:
+            self._finish(s)
 
     def _finish(self, s: _Sequence) -> None:
         if s.pieces is not None:
