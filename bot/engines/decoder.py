@@ -39,6 +39,12 @@ def make_decoder(model, *, capacity: int, max_len: int, cuda_graphs: bool = True
     return HFDecoder(model, capacity=capacity, max_len=max_len)
 
 
+def kv_bytes_per_position(config, dtype: torch.dtype) -> int:
+    """What one cached position of one reply takes: a key and a value per layer and KV head."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+
+
 def has_fast_decoder(config, max_len: int) -> bool:
     """Whether LlamaDecoder runs this model (a Llama-family architecture it reproduces exactly)."""
     plain = (config.model_type in LLAMA_FAMILY and not getattr(config, "use_sliding_window", False)
@@ -86,7 +92,7 @@ class LlamaDecoder:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.rows = self.allocated = 0
-        self.bytes_per_position = 2 * len(self.layers) * self.n_kv * self.head_dim * self.dtype.itemsize
+        self.bytes_per_position = kv_bytes_per_position(config, self.dtype)
         if self.graphs is not None:
             self._reserve(max_len, capacity)
         else:

@@ -65,7 +65,7 @@ from bot.engines import (AdapterRef, EngineError, LentWeights, Messages, Reply, 
                          store_live_adapter)
 from bot.hardware import apply_gpu_memory_cap, cpu_has_fast_bf16, gpu_free_bytes  # noqa: E402
 
-from bot.engines.decoder import HFDecoder, has_fast_decoder, make_decoder  # noqa: E402
+from bot.engines.decoder import HFDecoder, has_fast_decoder, kv_bytes_per_position, make_decoder  # noqa: E402
 from bot.engines.sampler import generator_for, pick_tokens  # noqa: E402
 from bot.engines.weights import LIVE, AdapterWeights, Weights, weights_for  # noqa: E402
 from bot.models import ModelNotFound, ResolvedModel  # noqa: E402
@@ -561,14 +561,9 @@ def _default_batch_size(model, device: str, max_len: int) -> int:
     took 4.1-4.7 s at 64 slots, 3.0-3.3 s at 128 and 2.7-2.8 s at 256 (H200, 2026-11-30; bench/gpu_decode.py
     --eval-slots); 256 slots of a 7B model's cache are 30 GB. A lone chat decodes at the same speed either
     way. The other three quarters stay free for training on these weights."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * max_len * model.dtype.itemsize
-    if device.startswith("cuda"):
-        free, most = gpu_free_bytes(device), 256
-    else:
-        free, most = kv_cache_budget() * 4, 64
-    return max(1, min(most, int(free * 0.25 // per_slot)))
+    per_slot = kv_bytes_per_position(model.config, model.dtype) * max_len
+    budget, most = (gpu_free_bytes(device) // 4, 256) if device.startswith("cuda") else (kv_cache_budget(), 64)
+    return max(1, min(most, budget // per_slot))
 
 
 # On a CPU the fast decoder admits up to this many replies at once, as many as its KV budget holds at
