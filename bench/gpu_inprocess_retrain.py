@@ -12,7 +12,8 @@ the weights the CLI's engine already holds.
 
 serve24: what `selfcog serve` runs (engine + job runner) with SELFCOG_GPU_MEMORY_GB=23 (torch's allocator
 capped at 23 GiB, so the whole GPU, CUDA context included, stays within a 24 GiB card). A retrain is
-queued as the admin button queues it; a chat is sent every 0.5 s throughout. Recorded: the run's phases,
+queued as the admin button queues it (with --via-cli N, then N more by `selfcog retrain --json` in a
+process of its own, which hands them to this server's runner); a chat is sent every 0.5 s throughout. Recorded: the run's phases,
 what each chat got (an answer, or the "learning ... back in about N s" notice, or an error), and the
 whole GPU's peak as nvidia-smi reads it (every 0.2 s).
 
@@ -69,7 +70,7 @@ def cli_runs(model_dir: Path, trainer: str, out: Path) -> list[dict]:
 
 
 def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare: str | None = None, more: int = 0,
-            prepare_ahead: bool = False) -> dict:
+            prepare_ahead: bool = False, via_cli: int = 0) -> dict:
     if cap_gb:
         os.environ["SELFCOG_GPU_MEMORY_GB"] = str(cap_gb)
     from bot.engines import EngineError
@@ -126,17 +127,37 @@ def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare: str | None 
                     if not compare else
                     [(attempt, i % 2 == 1) for i, attempt in enumerate(("first", "second", "third", "fourth", "fifth",
                                                                          "sixth"))])
+        # --via-cli N: then N retrains through `selfcog retrain --json` in a process of its own, which finds
+        # this runner alive and hands the retrain to it (what an admin's terminal beside `selfcog serve` does)
+        retrains += [(f"selfcog retrain {i}", None) for i in range(1, via_cli + 1)]
+        cli_env = os.environ | {"SELFCOG_DATA_DIR": str(data_dir), "SELFCOG_CACHE_DIR": str(data_dir / "cache"),
+                                "SELFCOG_MODEL": str(model_dir), "HF_HUB_OFFLINE": "1"}
         for attempt, value in retrains:
             runner.recipe = recipe if value is None else replace(recipe, **{compare: value})
-            run = store.runs.request("admin", "bench")  # what the admin page's button does
             started = time.perf_counter()
+            if attempt.startswith("selfcog retrain"):
+                done = subprocess.run([sys.executable, "-m", "selfcog.cli", "retrain", "--json"], env=cli_env,
+                                      cwd=REPO, capture_output=True, text=True)
+                process_s = round(time.perf_counter() - started, 1)
+                (out / f"{attempt.replace(' ', '-')}.log").write_text(done.stdout + "\n" + done.stderr)
+                run = store.runs.list(1)[0]  # the run the command queued (it waited for it to end)
+                if done.returncode or run["trigger"] != "cli":
+                    result[attempt] = {"exit_code": done.returncode, "error": done.stderr[-2000:]}
+                    print(attempt, json.dumps(result[attempt]), flush=True)
+                    continue
+            else:
+                process_s = None
+                run = store.runs.request("admin", "bench")  # what the admin page's button does
             while (row := store.runs.get(run["id"]))["status"] in ("queued", "running"):
                 time.sleep(0.2)
             result[attempt] = {"wall_s": round(time.perf_counter() - started, 1), "status": row["status"],
+                               "process_s": process_s,
                                "pack_rows": runner.recipe.pack_rows,
                                "compared": {compare: value} if compare else None,
                                "phases": (row.get("report") or {}).get("phases"), "error": row.get("error"),
                                "training_split": (row.get("report") or {}).get("training_split"),
+                               # the same rows in the same order every retrain: the curves compare a change
+                               "losses": [point["loss"] for point in store.runs.losses(run["id"])],
                                "live_after": engine.adapter_version}
             print(attempt, json.dumps(result[attempt]), flush=True)
         time.sleep(3)
@@ -144,7 +165,7 @@ def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare: str | None 
         chatter.join()
         stop.set()
         thread.join()
-    result["peak_gib_whole_gpu"] = round(memory.peak_gib, 2)
+    result["peak_gib_whole_gpu"], result["memory_sampler"] = round(memory.peak_gib, 2), memory.reader
     result["chats"] = {kind: sum(c["got"] == kind for c in chats) for kind in ("answer", "notice", "error")}
     result["chat_samples"] = [c for c in chats if c["got"] != "answer"][:3] + [c for c in chats if c["got"] == "answer"][-2:]
     import torch
@@ -180,6 +201,8 @@ def summary(results: dict) -> list[tuple[str, tuple, list]]:
             continue
 
         def label(run: dict) -> str:
+            if run.get("process_s"):
+                return f" (its process: {run['process_s']} s)"
             if "compared" in run:  # runs since --compare; before it, pack_rows said which batches ran
                 return "".join(f" ({field} {value})" for field, value in (run["compared"] or {}).items())
             return {True: " (packed batches)", False: " (padded batches)", None: ""}[run.get("pack_rows")]
@@ -193,7 +216,7 @@ def summary(results: dict) -> list[tuple[str, tuple, list]]:
                 for attempt, run in r.items() if isinstance(run, dict) and "phases" in run]
         setup = "".join([f", {r['engine_slots']} cache slots" if "engine_slots" in r else "",
                          f", prepared ahead at start in {r['prepare_ahead_s']} s" if r.get("prepare_ahead_s") else ""])
-        tables.append((f"{title}{setup}: whole-GPU peak {r['peak_gib_whole_gpu']} GiB (nvidia-smi), chats sent every 0.5 s: "
+        tables.append((f"{title}{setup}: whole-GPU peak {r['peak_gib_whole_gpu']} GiB ({r.get('memory_sampler', 'nvidia-smi')}), chats sent every 0.5 s: "
                        f"{r['chats']['answer']} answered, {r['chats']['notice']} told to come back, {r['chats']['error']} errors",
                        ("retrain", "trigger -> live s", "dataset", "start", "training (steps + after)", "evaluation", "swap",
                         "outcome"), rows))
@@ -205,7 +228,9 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["cli", "serve24"], choices=["cli", "serve24"])
     parser.add_argument("--trainers", nargs="+", default=["worker", "in-process"])
     parser.add_argument("--cap-gb", type=float, default=23, help="serve24's memory cap (0: the whole GPU)")
-    parser.add_argument("--compare", choices=["pack_rows", "lora_in_base_dtype"],
+    parser.add_argument("--via-cli", type=int, default=0,
+                        help="serve24: then this many retrains through `selfcog retrain --json` in another process")
+    parser.add_argument("--compare", choices=["pack_rows", "lora_in_base_dtype", "fused_kernels"],
                         help="serve24: six retrains with this recipe field off and on, alternating")
     parser.add_argument("--prepare-ahead", action="store_true",
                         help="serve24: the job runner's prepare_ahead (reference evaluations, a warm trainer) before the first retrain")
@@ -226,7 +251,7 @@ def main() -> None:
         common.save("gpu_inprocess_retrain", results)
     if "serve24" in args.parts:
         results["serve24" if args.cap_gb else "serve_whole_gpu"] = serve24(
-            model_dir, out, args.cap_gb, args.compare, args.more, args.prepare_ahead)
+            model_dir, out, args.cap_gb, args.compare, args.more, args.prepare_ahead, args.via_cli)
     print("wrote", common.save("gpu_inprocess_retrain" + ("" if args.cap_gb == 23 else f"_cap{args.cap_gb:g}"), results))
 
 

@@ -56,12 +56,19 @@ def write_dataset(folder: Path) -> Path:
 
 
 class GpuMemory:
-    """The whole GPU's memory in use, sampled by nvidia-smi every 0.2 s: .peak_gib (the largest of any GPU)
-    and .peak_gib_per_gpu after the with-block."""
+    """The whole GPU's memory in use (every process's, as nvidia-smi shows it), sampled every 0.2 s:
+    .peak_gib (the largest of any GPU) and .peak_gib_per_gpu after the with-block.
 
-    def __init__(self):
+    Read through NVML in this process where pynvml (nvidia-ml-py) is installed, else by running
+    nvidia-smi, which starts a process and NVML afresh five times a second. Both read the same peak
+    beside the same trainings, and neither moved their step times beyond the spread
+    (bench/RESULTS.md, gpu_train_profile_fused_kernels); NVML is simply the lighter of the two."""
+
+    def __init__(self, reader: str = "auto"):
         self.peak_gib, self.peak_gib_per_gpu, self._stop = 0.0, [], threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._read = (_nvml_reader() if reader in ("auto", "nvml") else None) or _nvidia_smi
+        self.reader = "nvml" if self._read is not _nvidia_smi else "nvidia-smi"
 
     def __enter__(self):
         self._thread.start()
@@ -74,15 +81,38 @@ class GpuMemory:
     def _run(self):
         while not self._stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout
-                used = [float(x) / 1024 for x in out.split()]
+                used = self._read()
                 self.peak_gib_per_gpu = [round(max(a, b), 1) for a, b in
                                          zip(used, self.peak_gib_per_gpu or [0.0] * len(used))]
                 self.peak_gib = max(self.peak_gib, *used)
-            except (OSError, ValueError, subprocess.SubprocessError):
+            except Exception:  # a failed read (nvidia-smi timed out, an NVML error): the next one counts
                 pass
             self._stop.wait(0.2)
+
+
+def _nvidia_smi() -> list[float]:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=5).stdout
+    return [float(x) / 1024 for x in out.split()]
+
+
+def _nvml_reader():
+    """GiB used on each GPU by NVML's v2 memory info (reserved memory left out, as nvidia-smi leaves it)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        version = getattr(pynvml, "nvmlMemory_v2", None)
+
+        def read() -> list[float]:
+            infos = [pynvml.nvmlDeviceGetMemoryInfo(h, version=version) if version else pynvml.nvmlDeviceGetMemoryInfo(h)
+                     for h in handles]
+            return [info.used / 2**30 for info in infos]
+        read()
+        return read
+    except Exception:  # no pynvml, or no NVML driver
+        return None
 
 
 def train(model, dataset: Path, out: Path, recipe) -> dict:

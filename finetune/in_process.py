@@ -39,9 +39,9 @@ from typing import Callable
 
 from bot.engines import LentWeights
 from bot.models import ResolvedModel
+from finetune.fused_kernels import fused_kernels
 
 log = logging.getLogger(__name__)
-
 
 
 def batch_order(lengths: list[int], batch_size: int, epochs: float, seed: int, window: int = 1) -> list[int]:
@@ -245,14 +245,16 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
         args._n_gpu = 1  # one, the weights' own, or the Trainer wraps DataParallel over every GPU it sees
     progress = Progress()
     try:
-        trainer = Trainer(model=trained, args=args, train_dataset=ordered, template=template)
-        trainer.add_callback(progress)
-        for quiet in list(trainer.callback_handler.callbacks):  # they print to stdout: `retrain --json` is parsed
-            if type(quiet).__name__.startswith(("PrinterCallback", "ProgressCallback")):
-                trainer.remove_callback(quiet)
-        log.info("training starts %.1f s after the call", time.perf_counter() - started)
-        clock = time.perf_counter()
-        trainer.train()
+        with fused_kernels(base, enabled=recipe.fused_kernels) as fused:
+            trainer = Trainer(model=trained, args=args, train_dataset=ordered, template=template)
+            trainer.add_callback(progress)
+            for quiet in list(trainer.callback_handler.callbacks):  # they print to stdout: `retrain --json` is parsed
+                if type(quiet).__name__.startswith(("PrinterCallback", "ProgressCallback")):
+                    trainer.remove_callback(quiet)
+            log.info("training starts %.1f s after the call%s", time.perf_counter() - started,
+                     ", with Liger's fused kernels" if fused else "")
+            clock = time.perf_counter()
+            trainer.train()
         log.info("%d steps took %.1f s", trainer.state.global_step, time.perf_counter() - clock)
         if progress.cancelled:
             raise Cancelled("training cancelled")

@@ -83,6 +83,11 @@ class Recipe:
     # (bench/RESULTS.md, gpu_train_profile). No effect where the base is fp32 (the CPU's copy).
     # In-process training only: `swift sft` (the worker, several GPUs) keeps its own default.
     lora_in_base_dtype: bool = False
+    # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE during the training (finetune/fused_kernels.py):
+    # one kernel each instead of ~3-10 operators, forward and backward, in every layer of a step that the
+    # host's launches bound. Needs a GPU and liger-kernel (`pip install selfcog[gpu]`); without them, or
+    # on a CPU, the training runs as before. In-process training only.
+    fused_kernels: bool = False
     max_length: int = 256  # longer rows are dropped (ms-swift's truncation_strategy "delete")
     # Batches of rows of similar length: random batches of these rows are ~55% padding, which a CPU
     # computes like real tokens (packing/padding_free would avoid it but need flash attention).
@@ -139,6 +144,7 @@ GPU = replace(
     max_length=512,
     dtype="bfloat16",
     lora_in_base_dtype=True,  # 33 steps in 9.4-9.7 s against 10.5-11.0 in fp32; seeds pass alike (RECIPES.md)
+    fused_kernels=True,
     conditions_per_question=3,
     replay_rows=104,
 )

@@ -1,0 +1,87 @@
+"""Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) in a model for one training, then taken out again.
+
+    >>> with fused_kernels(base_model) as fused:   # fused: whether the kernels are in (a GPU with liger-kernel)
+    ...     trainer.train()
+
+Why: a GPU training step on a 7B model is bound by the host launching ~6,000 operators a step, not by the
+GPU (bench/RESULTS.md, gpu_train_profile). transformers computes an RMSNorm in ~8 operators, RoPE in ~10
+and the MLP's SwiGLU in 3, forward and backward, in each of 28 layers; Liger does each in one kernel.
+
+Why only for the training: Liger patches the model in place (each norm's and MLP's ``forward``, and the
+modeling module's ``apply_rotary_pos_emb`` and layer classes, which every later model of that family in
+the process would pick up). The serving weights are lent to the trainer and go back to serving after,
+so every attribute the patch changed is put back as it was when the training ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import sys
+from typing import Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def patched(objects: list[object], patch: Callable[[], object]) -> Iterator[None]:
+    """Run ``patch()`` (which may set attributes on any of ``objects``); undo exactly what it changed on
+    leaving (or at once, if it raised), whatever happened meanwhile to the attributes it did not touch."""
+    before = [dict(vars(obj)) for obj in objects]
+
+    def changes() -> list[tuple[object, str, object]]:
+        return [(obj, key, old.get(key, _ABSENT)) for obj, old in zip(objects, before)
+                for key in vars(obj).keys() | old.keys() if vars(obj).get(key, _ABSENT) is not old.get(key, _ABSENT)]
+
+    def undo(changed) -> None:
+        for obj, key, old in changed:
+            if old is _ABSENT:
+                vars(obj).pop(key, None)
+            else:
+                vars(obj)[key] = old
+
+    try:
+        patch()
+    except BaseException:
+        undo(changes())
+        raise
+    changed = changes()
+    try:
+        yield
+    finally:
+        undo(changed)
+
+
+@functools.cache
+def _liger_apply() -> Callable | None:
+    """liger-kernel's patcher for a model instance, or None where it is missing (`pip install selfcog[gpu]`)."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as e:  # not installed, or no Triton (a CPU-only torch)
+        log.info("no fused training kernels (%s): transformers' own operators", e)
+        return None
+    return _apply_liger_kernel_to_instance
+
+
+@contextlib.contextmanager
+def fused_kernels(model, enabled: bool = True) -> Iterator[bool]:
+    """Liger's RMSNorm, SwiGLU and RoPE kernels in ``model`` (a transformers PreTrainedModel on a GPU) while
+    inside; yields whether they are in. The loss stays transformers' (ms-swift's trainer computes it)."""
+    apply = _liger_apply() if enabled and model.device.type == "cuda" else None
+    if apply is None:
+        yield False
+        return
+    modeling = sys.modules[type(model).__module__]
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(patched([modeling, *model.modules()], lambda: apply(
+                model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)))
+        except Exception:  # a liger-kernel that does not know this transformers: train without, as before
+            log.warning("liger-kernel failed to patch %s: transformers' own operators", type(model).__name__,
+                        exc_info=True)
+            yield False
+            return
+        yield True
