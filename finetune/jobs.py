@@ -215,6 +215,8 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
             steps_clock.setdefault("first", time.perf_counter())
             if step:
                 steps_clock["last"] = time.perf_counter()
+            if eta is not None:  # chats held back meanwhile hear the training's own ETA (+ giving the weights back)
+                engine.expect_back_in(eta + 1)
             store.runs.progress(run_id, stage="training", step=step, total_steps=total, loss=loss, eta_s=eta)
 
         in_process = trains_in_process(settings, engine)

@@ -85,6 +85,32 @@ def learning_now(paused_until: float) -> str:
     return f"the bot is learning from its corrections right now; {back}"
 
 
+class TrainingPause:
+    """An engine's chats held back while a retrain has its weights (or its GPU), and when they are due back.
+
+    ``begin(expected_s)`` guesses from the last retrain; ``expect_back_in(s)`` follows the training's own
+    ETA as its steps go by (a first retrain has no last one to guess from, and a 24 GB card trains for
+    a minute where a big one takes ten seconds); ``check()`` raises the notice a chat gets meanwhile."""
+
+    def __init__(self):
+        self._until: float | None = None
+
+    def begin(self, expected_s: float | None) -> None:
+        self._until = time.monotonic() + (expected_s or 0)
+
+    def expect_back_in(self, seconds: float) -> None:
+        if self._until is not None:
+            self._until = time.monotonic() + seconds
+
+    def end(self) -> None:
+        self._until = None
+
+    def check(self) -> None:
+        until = self._until  # read once: end() may run on another thread
+        if until is not None:
+            raise EngineError(learning_now(until))
+
+
 class Reply:
     """A reply being generated. Iterate for its text pieces; when the iteration ends, the stats are final.
 
@@ -161,6 +187,9 @@ class Engine(Protocol):
         chats meanwhile told to come back in about ``expected_s``; a no-op where nothing needs freeing.
         ``lend``: a trainer in this process can take the serving weights themselves; an engine that lends
         them (the local one on a GPU) yields them, else None (the trainer loads its own copy)."""
+
+    def expect_back_in(self, seconds: float) -> None:
+        """While paused for training: chats are now told to come back in about ``seconds`` (the training's ETA)."""
 
     def close(self) -> None:
         """Stop; requests still waiting fail with EngineError."""

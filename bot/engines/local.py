@@ -61,7 +61,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from bot.engines import (AdapterRef, EngineError, LentWeights, Messages, Reply, Sampling, learning_now,  # noqa: E402
+from bot.engines import (AdapterRef, EngineError, LentWeights, Messages, Reply, Sampling, TrainingPause,  # noqa: E402
                          store_live_adapter)
 from bot.hardware import apply_gpu_memory_cap, cpu_has_fast_bf16, gpu_free_bytes  # noqa: E402
 
@@ -107,7 +107,7 @@ class LocalEngine:
             raise EngineError(f"SELFCOG_TRAIN_WEIGHTS must be auto, serving or copy, not {train_weights!r}")
         self.trains_on_serving_weights = train_weights == "serving" or (
             train_weights == "auto" and self.device.startswith("cuda"))
-        self._paused_until: float | None = None  # set while a trainer has the weights
+        self._pause = TrainingPause()  # while a trainer has the weights
         apply_gpu_memory_cap(self.device)
         started = time.perf_counter()
         try:
@@ -162,7 +162,7 @@ class LocalEngine:
     def stream(self, messages: Messages, *, max_new_tokens: int | None = None,
                sampling: Sampling | None = None) -> Reply:
         """Start generating a reply with the live adapter; iterate the returned Reply for its text as it arrives."""
-        self._check_not_lent()
+        self._pause.check()
         max_new_tokens = max_new_tokens or self.max_new_tokens
         prompt = self.encode(self.fit_to_context(messages, max_new_tokens))
         pieces: queue.Queue[str | None] = queue.Queue()
@@ -179,7 +179,7 @@ class LocalEngine:
     def submit(self, conversations: list[Messages], *, adapter: str | Path = AdapterRef.ACTIVE,
                max_new_tokens: int | None = None) -> Future[list[str]]:
         """``generate`` without waiting: the Future gets the answers. Served in the order submitted."""
-        self._check_not_lent()
+        self._pause.check()
         max_new_tokens = max_new_tokens or self.max_new_tokens
         weights = weights_for(adapter)
         prompts = [self.encode(self.fit_to_context(c, max_new_tokens)) for c in conversations]
@@ -210,7 +210,7 @@ class LocalEngine:
             log.info("weights taken back, the live adapter in place, in %.2f s", time.perf_counter() - clock)
 
         control = _Control(hold, when_idle=True)
-        self._paused_until = time.monotonic() + (expected_s or 0)
+        self._pause.begin(expected_s)
         try:
             self._put(control)
             while not lent.wait(0.05):
@@ -222,12 +222,11 @@ class LocalEngine:
             returned.set()
             if lent.is_set():
                 control.future.result()  # the live adapter is back in place
-            self._paused_until = None
+            self._pause.end()
             log.info("serving again")
 
-    def _check_not_lent(self) -> None:
-        if self._paused_until is not None:
-            raise EngineError(learning_now(self._paused_until))
+    def expect_back_in(self, seconds: float) -> None:
+        self._pause.expect_back_in(seconds)
 
     def refresh_adapter(self) -> int | None:
         """Serve the store's active adapter now (instead of at the next poll) and return the live version."""

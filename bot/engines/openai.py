@@ -39,8 +39,8 @@ from typing import Callable, Iterator
 
 import httpx
 
-from bot.engines import (AdapterFolderError, AdapterRef, EngineError, learning_now, Messages, Reply, Sampling, check_adapter_folder,
-                         store_live_adapter)
+from bot.engines import (AdapterFolderError, AdapterRef, EngineError, Messages, Reply, Sampling, TrainingPause,
+                         check_adapter_folder, store_live_adapter)
 from bot.engines.local import LocalEngine
 from bot.engines.vllm_server import SERVED_NAME, VLLMServer
 from bot.models import ResolvedModel
@@ -86,7 +86,7 @@ class OpenAIEngine:
         self._error: str | None = None
         self._last_sync = float("-inf")
         self._candidates = itertools.count(1)
-        self._paused_until: float | None = None  # set while the server sleeps for a retrain
+        self._pause = TrainingPause()  # while the server sleeps for a retrain
         if server is not None:
             server.on_restart = self._reload_live
         self.refresh_adapter()
@@ -107,7 +107,7 @@ class OpenAIEngine:
     def stream(self, messages: Messages, *, max_new_tokens: int | None = None,
                sampling: Sampling | None = None) -> Reply:
         """Start one reply with the live adapter; iterate the Reply for its text as the server sends it."""
-        self._check_awake()
+        self._pause.check()
         max_new_tokens = max_new_tokens or self.max_new_tokens
         body = {**self._request(messages, max_new_tokens, sampling), "stream": True,
                 "stream_options": {"include_usage": True}}
@@ -129,7 +129,7 @@ class OpenAIEngine:
     def generate(self, conversations: list[Messages], *, adapter: str | Path = AdapterRef.ACTIVE,
                  max_new_tokens: int | None = None) -> list[str]:
         """Greedy answers to many conversations, all sent at once; adapter picks live / base / a candidate folder."""
-        self._check_awake()
+        self._pause.check()
         max_new_tokens = max_new_tokens or self.max_new_tokens
         bodies = [self._request(c, max_new_tokens, None) for c in conversations]
         if adapter == AdapterRef.BASE:
@@ -161,16 +161,19 @@ class OpenAIEngine:
             yield None
             return
         self.server.sleep()
-        self._paused_until = time.monotonic() + (expected_s or 0)
+        self._pause.begin(expected_s)
         try:
             yield None
         finally:
             self.server.wake_up()
-            self._paused_until = None
+            self._pause.end()
             try:
                 self._reload_live()  # in case the sleep dropped it
             except EngineError as e:  # adapter_error says so; the retrain's own outcome matters more here
                 log.warning("after waking vLLM: %s", e)
+
+    def expect_back_in(self, seconds: float) -> None:
+        self._pause.expect_back_in(seconds)
 
     # --- adapters ---------------------------------------------------------------------------------
     def _live_model(self) -> tuple[str, int | None]:
@@ -349,9 +352,6 @@ class OpenAIEngine:
                               f"(it serves: {listed}); set SELFCOG_OPENAI_MODEL to one of them")
         return wanted, bases[wanted].get("max_model_len")
 
-    def _check_awake(self) -> None:
-        if self._paused_until is not None:
-            raise EngineError(learning_now(self._paused_until))
 
     def _unreachable(self, e: httpx.HTTPError) -> EngineError:
         reason = self.server.down_reason() if self.server is not None else None

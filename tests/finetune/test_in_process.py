@@ -427,16 +427,23 @@ def test_a_retrain_on_the_serving_weights_tells_chats_to_come_back(embedded_mode
         chat = ChatService(store, engine, max_new_tokens=16)
         conversation = chat.conversation("web", chat_key="k", user="u")
 
-        # The retrain holds at its first progress report inside the training (the weights lent) until the
-        # chat below has been tried: no race with a training of a few seconds.
-        training, chatted = threading.Event(), threading.Event()
-        progress = store.runs.progress
+        # The retrain holds at its first progress report inside the training (the weights lent), and at the
+        # first with an ETA (after step 1), until the chats below have been tried: no race with a training
+        # of a few seconds.
+        training, chatted, stepped, chatted_again = (threading.Event() for _ in range(4))
+        progress, eta = store.runs.progress, {}
 
         def holding_progress(run_id, **fields):
             progress(run_id, **fields)
-            if fields.get("stage") == "training" and fields.get("total_steps") and not training.is_set():
+            if fields.get("stage") != "training" or not fields.get("total_steps"):
+                return
+            if not training.is_set():
                 training.set()
                 chatted.wait(300)
+            elif fields.get("eta_s") is not None and not stepped.is_set():
+                eta["s"] = fields["eta_s"]
+                stepped.set()
+                chatted_again.wait(300)
 
         monkeypatch.setattr(store.runs, "progress", holding_progress)
         run = store.runs.request("web", "admin", claim=True)
@@ -460,8 +467,16 @@ def test_a_retrain_on_the_serving_weights_tells_chats_to_come_back(embedded_mode
                             str(refused.value)), refused.value
             with pytest.raises(EngineError, match=LEARNING):
                 engine.generate([WHO])
+            chatted.set()
+            # after a step the notice follows the training's own ETA, not the last retrain's 40 s
+            assert stepped.wait(600), f"no step with an ETA: {store.runs.get(run['id'])}"
+            with pytest.raises(EngineError, match=LEARNING) as refused:
+                engine.generate([WHO])
+            said = int(re.search(r"about (\d+) s", str(refused.value))[1])
+            assert eta["s"] - 1 <= said <= eta["s"] + 2, (eta, str(refused.value))
         finally:
             chatted.set()
+            chatted_again.set()
             thread.join(timeout=900)
         assert "report" in outcome, "run_retrain raised (its traceback is above)"
         report = outcome["report"]
