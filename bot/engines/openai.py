@@ -352,7 +352,6 @@ class OpenAIEngine:
                               f"(it serves: {listed}); set SELFCOG_OPENAI_MODEL to one of them")
         return wanted, bases[wanted].get("max_model_len")
 
-
     def _unreachable(self, e: httpx.HTTPError) -> EngineError:
         reason = self.server.down_reason() if self.server is not None else None
         return EngineError(reason or f"the model server at {self.base_url} is not reachable "
