@@ -29,7 +29,7 @@ from bot.errors import UserError
 log = logging.getLogger(__name__)
 
 __all__ = ["AdapterFolderError", "AdapterRef", "Engine", "EngineError", "LentWeights", "Messages", "Reply", "Sampling",
-           "check_adapter_folder", "learning_now", "make_engine", "store_live_adapter"]
+           "TrainingPause", "check_adapter_folder", "make_engine", "store_live_adapter"]
 
 Messages = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
 
@@ -78,13 +78,6 @@ class LentWeights:
     device: str
 
 
-def learning_now(paused_until: float) -> str:
-    """What a chat is told while the weights are busy training (``paused_until``: time.monotonic())."""
-    left = paused_until - time.monotonic()
-    back = f"back in about {left:.0f} s" if left > 0 else "back in a moment"
-    return f"the bot is learning from its corrections right now; {back}"
-
-
 class TrainingPause:
     """An engine's chats held back while a retrain has its weights (or its GPU), and when they are due back.
 
@@ -108,7 +101,9 @@ class TrainingPause:
     def check(self) -> None:
         until = self._until  # read once: end() may run on another thread
         if until is not None:
-            raise EngineError(learning_now(until))
+            left = until - time.monotonic()
+            back = f"back in about {left:.0f} s" if left > 0 else "back in a moment"
+            raise EngineError(f"the bot is learning from its corrections right now; {back}")
 
 
 class Reply:
