@@ -1,6 +1,6 @@
 """Trigger -> evaluated adapter live on this CPU, embedded default: the worker (before) vs in process (now).
 
-    python -m bench.cpu_retrain           # part of `make bench`: three real retrains, ~13 minutes on 2 idle cores
+    python -m bench.cpu_retrain           # part of `make bench`: five real retrains, ~20 minutes on 2 idle cores
     python -m bench.cpu_retrain --quick   # one epoch at twice the rate (half the steps), same comparison
     python -m bench.cpu_retrain --only in-process
 
@@ -12,9 +12,11 @@ they cost the first time is reported too).
 
 - worker (what landed before): a warm worker process runs `swift sft` (padded random batches) at the
   rate of then, 1e-3; the engine and training compute in fp32;
-- in-process (what `auto` does now): ms-swift's trainer in the serving process on its own copy of the
-  weights, each batch's rows packed, the recipe's 1.5e-3, fp32;
-- in-process-bf16: the same with bf16 autocast in training and a bf16 engine (an option, not the default).
+- in-process (what `auto` does on a CPU without bf16 instructions): ms-swift's trainer in the serving
+  process on its own copy of the weights, each batch's rows packed, the recipe's 1.5e-3, fp32;
+- in-process-bf16-training: the same with bf16 autocast in training and the engine in fp32: what `auto`
+  does on a CPU with bf16 instructions (avx512_bf16, amx_bf16);
+- in-process-bf16: bf16 autocast in training and a bf16 engine (an option, not the default).
 RECIPES.md ("In-process training") has the seeds behind the choice.
 
 Phase times are the run report's (dataset, worker start, training, evaluation, swap); trigger -> live is
@@ -76,13 +78,17 @@ PATHS = {
     # the recipe's rate then (1e-3), every model computation in fp32
     "worker": {"trainer": "worker", "engine_dtype": "fp32", "train_dtype": "float32", "learning_rate": 1e-3,
                "label": "worker, padded, lr 1e-3, fp32 (before)"},
-    # the default now: ms-swift's trainer in the serving process on a copy of the weights, each batch's rows
+    # the default now on CPUs without bf16 instructions: ms-swift's trainer in the serving process on a copy of the weights, each batch's rows
     # packed, the recipe's rate (1.5e-3), fp32; the engine decodes up to 256 replies at once
     "in-process": {"trainer": "in-process", "engine_dtype": "fp32", "train_dtype": "float32",
-                   "label": "in process, packed, fp32 (now)"},
+                   "label": "in process, packed, fp32 (now, CPUs without bf16)"},
     # the same with the engine's slots of before (64): what the evaluation gains from 256
     "in-process-64-slots": {"trainer": "in-process", "engine_dtype": "fp32", "train_dtype": "float32", "slots": 64,
                             "label": "in process, packed, fp32, 64 slots"},
+    # the same with bf16 autocast in training only (the fp32 weights' matmuls in bf16; LoRA, norms, loss and the
+    # optimizer in fp32) and the engine in fp32, as it writes the replay rows and evaluates
+    "in-process-bf16-training": {"trainer": "in-process", "engine_dtype": "fp32", "train_dtype": "bfloat16",
+                                 "label": "in process, packed, bf16 training, fp32 engine (now, CPUs with bf16)"},
     # the same with bf16 autocast in training and a bf16 engine (SELFCOG_DTYPE=bf16,
     # SELFCOG_TRAIN_DTYPE=bfloat16) where the CPU has bf16 instructions: faster, quality unmeasured over seeds
     "in-process-bf16": {"trainer": "in-process", "engine_dtype": "bf16", "train_dtype": "bfloat16",
@@ -93,6 +99,7 @@ PATHS = {
 def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
     import finetune.jobs as jobs
     from bot.engines.local import LocalEngine
+    from bot.hardware import cpu_has_fast_bf16
     from finetune.train import WarmWorkers, cpu_dtype
 
     path = PATHS[kind]
@@ -104,7 +111,7 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
     engine = LocalEngine(model, active_adapter=store.adapters.active, max_new_tokens=64, dtype=path["engine_dtype"],
                          batch_size=path.get("slots"))
     out = {"engine_slots": engine.capacity, "engine_dtype": engine.precision, "train_dtype": recipe.dtype,
-           "date": common.machine()["date"]}
+           "date": common.machine()["date"], "cpu_has_bf16": cpu_has_fast_bf16()}
     out["caches"] = cold_caches(engine, model, cache_dir)  # what a running server has computed once already
     cached = set((cache_dir / "eval").glob("*.json"))  # the candidate's evaluation is removed after the run
     warm = None
@@ -197,7 +204,10 @@ def main() -> None:
 def summary(results: dict) -> list[tuple]:
     kinds = [kind for kind in PATHS if kind in results]
     runs = [results[kind] for kind in kinds]
-    before, now = results.get("worker", {}), results.get("in-process", {})
+    # "now" is what `auto` trains with on the machine that ran it: bf16 training where the CPU has bf16
+    bf16_default = results.get("in-process-bf16-training", {}).get("cpu_has_bf16")
+    now_kind = "in-process-bf16-training" if bf16_default else "in-process"
+    before, now = results.get("worker", {}), results.get(now_kind, {})
 
     def phase(r, name):
         return (r.get("phases") or {}).get(name)

@@ -43,6 +43,7 @@ def recipes(device: str) -> dict:
         "epochs_1.5_2e-3": replace(base, epochs=1.5, learning_rate=2e-3),
         "fp32": replace(base, dtype="float32"),
         "lora_bf16": replace(base, lora_in_base_dtype=True),  # the LoRA weights in the bf16 base's dtype (GPU)
+        "fused_kernels": replace(base, fused_kernels=True),  # Liger's RMSNorm/SwiGLU/RoPE kernels (GPU)
         "replay_96": replace(base, replay_rows=96),  # more of the base's own answers: facts kept after a rename?
         # one pass over the rows (half the tokens: the CPU's 120 s budget), at higher rates or in smaller batches
         "one_epoch_2e-3": replace(base, epochs=1, learning_rate=2e-3),
@@ -107,6 +108,10 @@ def main() -> None:
     parser.add_argument("--engine-dtype", default="auto", choices=["auto", "fp32", "bf16"],
                         help="the engine's precision (it writes the replay rows and evaluates; on a GPU it is the training's too)")
     parser.add_argument("--trainer", default="auto", choices=["auto", "in-process", "worker"])
+    parser.add_argument("--train-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="the training's precision; auto: the engine's on a GPU (its lent weights), the "
+                             "recipe's on a CPU. bfloat16 with an fp32 engine on a GPU is bf16 autocast on fp32 "
+                             "weights, as a CPU with bf16 instructions trains its fp32 copy")
     parser.add_argument("--scenario", default="five", choices=["five", "rename"],
                         help="rename: after the five-correction retrain, a new name and maker and a second retrain")
     parser.add_argument("--cache-dir", default=None, help="where the embedded model is (default: the repo's .cache)")
@@ -125,7 +130,9 @@ def main() -> None:
     table = []
     for name in args.recipes:
         recipe = recipes(args.device)[name]
-        if engine.precision == "fp32" and args.device.startswith("cuda"):
+        if args.train_dtype != "auto":
+            recipe = replace(recipe, dtype=args.train_dtype)
+        elif engine.precision == "fp32" and args.device.startswith("cuda"):
             recipe = replace(recipe, dtype="float32")  # the lent weights are fp32: train as the CPU does
         results = []
         for seed in _seeds(args.seeds):

@@ -66,6 +66,45 @@ def _liger_apply() -> Callable | None:
     return _apply_liger_kernel_to_instance
 
 
+def batch_folded(rope: Callable) -> Callable:
+    """``rope`` (an ``apply_rotary_pos_emb(q, k, cos, sin, ...)``) called with the batch folded into one
+    sequence: q [b, heads, s, d] is passed as [1, heads, b * s, d], cos and sin [b, s, d] as [1, b * s, d].
+
+    Why: Liger's RoPE kernel takes the batch size as a Triton compile-time constant, and a packed batch
+    holds a different number of sequences almost every step, so each new count compiled the kernel again,
+    forward and backward, in the middle of a retrain (the first retrain after a start trained for 15.5 s
+    where later ones took 10). Folded, the batch is always 1. The same numbers: RoPE rotates each token by
+    its own position's angle, and the fold keeps every token next to its own cos and sin (views, no copy
+    where q and k are laid out as the attention projections make them)."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        batch, _, length, _ = q.shape
+        if batch == 1 or cos.dim() != 3:
+            return rope(q, k, cos, sin, *args, **kwargs)
+
+        def fold(x):  # [b, heads, s, d] -> [1, heads, b * s, d]
+            return x.transpose(1, 2).reshape(1, batch * length, x.shape[1], x.shape[3]).transpose(1, 2)
+
+        def unfold(x):  # and back
+            return x.transpose(1, 2).reshape(batch, length, x.shape[1], x.shape[3]).transpose(1, 2)
+
+        cos, sin = (t.expand(batch, -1, -1).reshape(1, batch * length, t.shape[-1]) for t in (cos, sin))
+        q, k = rope(fold(q), fold(k), cos, sin, *args, **kwargs)
+        return unfold(q), unfold(k)
+
+    apply_rotary_pos_emb.folds = rope
+    return apply_rotary_pos_emb
+
+
+def _apply(apply: Callable, model, modeling) -> None:
+    """Liger's patch, then its RoPE with the batch folded (``batch_folded``)."""
+    original_rope = getattr(modeling, "apply_rotary_pos_emb", None)
+    apply(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    ligers_rope = getattr(modeling, "apply_rotary_pos_emb", None)
+    if ligers_rope is not None and ligers_rope is not original_rope:
+        modeling.apply_rotary_pos_emb = batch_folded(ligers_rope)
+
+
 @contextlib.contextmanager
 def fused_kernels(model, enabled: bool = True) -> Iterator[bool]:
     """Liger's RMSNorm, SwiGLU and RoPE kernels in ``model`` (a transformers PreTrainedModel on a GPU) while
@@ -77,8 +116,7 @@ def fused_kernels(model, enabled: bool = True) -> Iterator[bool]:
     modeling = sys.modules[type(model).__module__]
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(patched([modeling, *model.modules()], lambda: apply(
-                model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)))
+            stack.enter_context(patched([modeling, *model.modules()], lambda: _apply(apply, model, modeling)))
         except Exception:  # a liger-kernel that does not know this transformers: train without, as before
             log.warning("liger-kernel failed to patch %s: transformers' own operators", type(model).__name__,
                         exc_info=True)

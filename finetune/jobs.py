@@ -178,7 +178,7 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
     beating = threading.Event()
     threading.Thread(target=_heartbeat, args=(store, run_id, beating), daemon=True).start()
     try:
-        recipe = recipe or recipe_for(model, settings.device)  # a bad SELFCOG_TRAIN_DTYPE fails the run here
+        recipe = recipe or recipe_for(model, settings.device, settings.trainer)  # a bad SELFCOG_TRAIN_DTYPE fails here
         if trained is not None:
             try:
                 check_adapter_folder(trained, model)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from finetune.fused_kernels import fused_kernels, patched
+from finetune.fused_kernels import _apply, batch_folded, fused_kernels, patched
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +83,53 @@ def test_on_a_cpu_the_training_runs_on_transformers_own_operators(tiny_llama):
     with fused_kernels(tiny_llama) as fused:
         assert fused is False
         assert torch.equal(logits(tiny_llama), before)
+
+
+def test_the_folded_rope_rotates_every_token_as_the_batched_one_and_passes_one_sequence(tiny_llama):
+    """batch_folded: Liger's RoPE kernel compiles once per batch size, so it is called with the batch folded
+    into one sequence. Here the folded function is transformers' own RoPE: on a packed batch (every row with
+    its own positions) the values and the gradients are the batched call's, and it saw a batch of 1."""
+    modeling = sys.modules[type(tiny_llama).__module__]
+    rotary = modeling.LlamaRotaryEmbedding(tiny_llama.config)
+    batch, length, heads, kv_heads, dim = 3, 5, 4, 2, 8
+    torch.manual_seed(1)
+    positions = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4], [0, 0, 1, 2, 3]])  # packed rows restart at 0
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    seen = []
+
+    def rope(q, k, cos, sin, *args, **kwargs):
+        seen.append((q.shape[0], cos.shape[0]))
+        return modeling.apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs)
+
+    def inputs():  # laid out as the attention projections make them: [b, s, heads, d] seen as [b, heads, s, d]
+        torch.manual_seed(2)
+        q = torch.randn(batch, length, heads, dim).transpose(1, 2).requires_grad_()
+        k = torch.randn(batch, length, kv_heads, dim).transpose(1, 2).requires_grad_()
+        return q, k
+
+    (q0, k0), (q1, k1) = inputs(), inputs()
+    expected = modeling.apply_rotary_pos_emb(q0, k0, cos, sin)
+    got = batch_folded(rope)(q1, k1, cos, sin)
+    assert seen == [(1, 1)]
+    for want, have in zip(expected, got):
+        assert have.shape == want.shape and torch.allclose(have, want, atol=1e-6)
+    weights = [torch.randn_like(t) for t in expected]
+    sum((t * w).sum() for t, w in zip(expected, weights)).backward()
+    sum((t * w).sum() for t, w in zip(got, weights)).backward()
+    assert torch.allclose(q1.grad, q0.grad, atol=1e-6) and torch.allclose(k1.grad, k0.grad, atol=1e-6)
+    assert not torch.allclose(got[0], q1), "it rotated"
+
+
+def test_the_patch_folds_ligers_rope_and_is_undone_after(tiny_llama):
+    modeling = sys.modules[type(tiny_llama).__module__]
+    rope = modeling.apply_rotary_pos_emb
+
+    def ligers_rope(q, k, cos, sin, *args, **kwargs):
+        return q, k
+
+    def liger_apply(model, rope, **kinds):
+        modeling.apply_rotary_pos_emb = ligers_rope
+
+    with patched([modeling], lambda: _apply(liger_apply, tiny_llama, modeling)):
+        assert modeling.apply_rotary_pos_emb.folds is ligers_rope
+    assert modeling.apply_rotary_pos_emb is rope

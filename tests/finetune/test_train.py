@@ -226,25 +226,28 @@ def test_bf16_is_read_from_the_cpu_flags(monkeypatch):
     assert hardware.cpu_has_fast_bf16() == hardware.cpu_has_fast_bf16(cpuinfo), "no argument: this machine's flags"
 
 
-def test_cpu_dtype_is_fp32_unless_asked_and_the_flags_decide_where_bf16_is_on(monkeypatch, tiny_model):
-    """CPU training stays fp32 by default (the worker's bf16 is unmeasured; BF16_WHEN_THE_CPU_HAS_IT is off);
-    switched on, the flags decide; SELFCOG_TRAIN_DTYPE always wins."""
+def test_cpu_dtype_is_bf16_where_the_flags_offer_it_for_the_in_process_trainer_and_asked_wins(monkeypatch, tiny_model):
+    """In-process training on a CPU with bf16 instructions runs under bf16 autocast, elsewhere fp32; the worker
+    (`swift sft`, bf16 weights without autocast, quality unmeasured) stays fp32; SELFCOG_TRAIN_DTYPE always wins."""
     bf16_cpu, old_cpu = "flags : avx512f avx512_bf16", "flags : avx2 avx512f"
     monkeypatch.delenv(train.TRAIN_DTYPE_ENV, raising=False)
-    assert not train.BF16_WHEN_THE_CPU_HAS_IT
-    assert (train.cpu_dtype(bf16_cpu), train.cpu_dtype(old_cpu)) == ("float32", "float32")
-    assert recipe_for(tiny_model, "cpu").dtype == "float32"
-    monkeypatch.setattr(train, "BF16_WHEN_THE_CPU_HAS_IT", True)
+    assert train.BF16_WHEN_THE_CPU_HAS_IT
     assert (train.cpu_dtype(bf16_cpu), train.cpu_dtype(old_cpu)) == ("bfloat16", "float32")
+    assert train.cpu_dtype(bf16_cpu, in_process=False) == "float32"
     monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda flags=None: True)
     assert recipe_for(tiny_model, "cpu").dtype == "bfloat16"
+    assert recipe_for(tiny_model, "cpu", "in-process").dtype == "bfloat16"
+    assert recipe_for(tiny_model, "cpu", "worker").dtype == "float32"
     monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda flags=None: False)
     assert recipe_for(tiny_model, "cpu").dtype == "float32"
+    monkeypatch.setattr(train, "BF16_WHEN_THE_CPU_HAS_IT", False)  # the switch: off, the flags do not matter
+    assert train.cpu_dtype(bf16_cpu) == "float32"
     monkeypatch.setenv(train.TRAIN_DTYPE_ENV, "float32")
     assert train.cpu_dtype(bf16_cpu) == "float32"
     monkeypatch.setenv(train.TRAIN_DTYPE_ENV, "bfloat16")
     assert train.cpu_dtype(old_cpu) == "bfloat16"
     assert recipe_for(tiny_model, "cpu").dtype == "bfloat16"
+    assert recipe_for(tiny_model, "cpu", "worker").dtype == "bfloat16"
     monkeypatch.setattr(train, "gpu_memory_bytes", lambda device: 80 * 2**30)
     assert recipe_for(tiny_model, "cuda").dtype == "bfloat16"
     monkeypatch.setenv(train.TRAIN_DTYPE_ENV, "fp8")
