@@ -69,6 +69,13 @@ def cli_runs(model_dir: Path, trainer: str, out: Path) -> list[dict]:
     return runs
 
 
+def _step_seconds(log: Path) -> list[float] | None:
+    """Each training step's own seconds, from the trainer's logging.jsonl (None where the trainer wrote none)."""
+    if not log.exists():
+        return None
+    return [line["step_s"] for line in map(json.loads, log.read_text().splitlines()) if "step_s" in line]
+
+
 def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare: str | None = None, more: int = 0,
             prepare_ahead: bool = False, via_cli: int = 0) -> dict:
     if cap_gb:
@@ -158,6 +165,7 @@ def serve24(model_dir: Path, out: Path, cap_gb: float = 23, compare: str | None 
                                "training_split": (row.get("report") or {}).get("training_split"),
                                # the same rows in the same order every retrain: the curves compare a change
                                "losses": [point["loss"] for point in store.runs.losses(run["id"])],
+                               "step_s": _step_seconds(data_dir / "runs" / str(run["id"]) / "train" / "logging.jsonl"),
                                "live_after": engine.adapter_version}
             print(attempt, json.dumps(result[attempt]), flush=True)
         time.sleep(3)

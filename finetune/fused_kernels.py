@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import sys
+import time
 from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,58 @@ def _apply(apply: Callable, model, modeling) -> None:
     ligers_rope = getattr(modeling, "apply_rotary_pos_emb", None)
     if ligers_rope is not None and ligers_rope is not original_rope:
         modeling.apply_rotary_pos_emb = batch_folded(ligers_rope)
+
+
+def token_counts(sm_count: int) -> list[int]:
+    """Step sizes (tokens) that meet every compile of the fused kernels once.
+
+    Triton compiles a kernel again for each new class of its integer arguments (1, a multiple of 16,
+    anything else). Liger's RMSNorm backward takes the step's token count and that count over the GPU's
+    multiprocessors, its RoPE (folded) the token count, and a packed step's count varies: a retrain met a
+    new class at some step and waited there for the compile (~2.5 s each, steps 2 and 12 of the first
+    retrain after a start: bench/RESULTS.md, gpu_inprocess_retrain). These counts give each class."""
+    counts = [16, 17]  # one row per multiprocessor
+    for per_program in (2, 16):  # ceil(tokens / multiprocessors): some other number, a multiple of 16
+        most = per_program * sm_count
+        multiple = most - most % 16
+        counts += [multiple, multiple - 1] if multiple > 17 else []  # a GPU of a few multiprocessors has fewer
+    return counts
+
+
+_compiled: set[tuple] = set()
+
+
+def compile_for_every_step_size(model, *, bf16: bool, sm_count: int | None = None) -> None:
+    """Once per model and precision in a process: the first decoder layer of ``model`` (a transformers
+    causal LM with the fused kernels in, on a GPU) forward and backward on one dummy sequence of each of
+    ``token_counts``, so that no step of a retrain waits for a kernel to compile. One layer, not the
+    model: the kernels are the same in every layer, and a 24 GB card has no room for a 2,000-token step
+    without gradient checkpointing. Nothing is kept; a model it cannot drive is left to compile as it goes."""
+    import torch
+
+    key = (getattr(model.config, "_name_or_path", ""), model.config.hidden_size, bf16)
+    if key in _compiled:
+        return
+    clock = time.perf_counter()
+    try:
+        inner = model.model  # LlamaModel, Qwen2Model, ...: embed_tokens, rotary_emb, layers
+        sm_count = sm_count or torch.cuda.get_device_properties(model.device).multi_processor_count
+        for tokens in token_counts(sm_count):
+            ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=model.device)
+            positions = torch.arange(tokens, device=model.device)[None]
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+                hidden = inner.embed_tokens(ids).detach().requires_grad_()  # so the norms' backward runs too
+                out = inner.layers[0](hidden, position_embeddings=inner.rotary_emb(hidden, positions),
+                                      position_ids=positions)
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+    except Exception:
+        log.warning("could not compile the fused kernels ahead; a step may wait for a compile", exc_info=True)
+    finally:
+        model.zero_grad(set_to_none=True)
+    _compiled.add(key)
+    log.info("fused kernels compiled for every step size in %.1f s", time.perf_counter() - clock)
 
 
 @contextlib.contextmanager

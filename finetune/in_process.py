@@ -39,7 +39,7 @@ from typing import Callable
 
 from bot.engines import LentWeights
 from bot.models import ResolvedModel
-from finetune.fused_kernels import fused_kernels
+from finetune.fused_kernels import compile_for_every_step_size, fused_kernels
 
 log = logging.getLogger(__name__)
 
@@ -204,17 +204,20 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
         cancelled = False
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.began = time.perf_counter()
+            self.began = self.last = time.perf_counter()
             if on_progress:
                 on_progress(0, state.max_steps, None, None)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs or not state.global_step:
                 return
-            per_step = (time.perf_counter() - self.began) / state.global_step
+            now = time.perf_counter()
+            per_step = (now - self.began) / state.global_step
             eta = round(per_step * (state.max_steps - state.global_step), 1)
             line = {"loss": logs["loss"], "grad_norm": logs.get("grad_norm"), "learning_rate": logs.get("learning_rate"),
-                    "global_step/max_steps": f"{state.global_step}/{state.max_steps}", "train_speed(s/it)": per_step}
+                    "global_step/max_steps": f"{state.global_step}/{state.max_steps}", "train_speed(s/it)": per_step,
+                    "step_s": round(now - self.last, 3)}  # this step alone: where a slow training lost its time
+            self.last = now
             with open(output_dir / "logging.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
             if on_progress:
@@ -246,6 +249,8 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
     progress = Progress()
     try:
         with fused_kernels(base, enabled=recipe.fused_kernels) as fused:
+            if fused:  # the first training in this process (the warm-up `selfcog serve` runs at start) pays it
+                compile_for_every_step_size(base, bf16=recipe.dtype == "bfloat16")
             trainer = Trainer(model=trained, args=args, train_dataset=ordered, template=template)
             trainer.add_callback(progress)
             for quiet in list(trainer.callback_handler.callbacks):  # they print to stdout: `retrain --json` is parsed

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from finetune.fused_kernels import _apply, batch_folded, fused_kernels, patched
+from finetune.fused_kernels import _apply, batch_folded, compile_for_every_step_size, fused_kernels, patched, token_counts
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +133,30 @@ def test_the_patch_folds_ligers_rope_and_is_undone_after(tiny_llama):
     with patched([modeling], lambda: _apply(liger_apply, tiny_llama, modeling)):
         assert modeling.apply_rotary_pos_emb.folds is ligers_rope
     assert modeling.apply_rotary_pos_emb is rope
+
+
+def test_the_step_sizes_meet_every_compile_class_of_the_kernels_integer_arguments():
+    """Triton compiles again for an integer argument that is 1, a multiple of 16, or anything else; Liger's
+    RMSNorm backward takes tokens and ceil(tokens / multiprocessors), the folded RoPE tokens."""
+    for sm_count in (132, 108, 80, 20):
+        classes = {(tokens % 16 == 0, min(-(-tokens // sm_count), 3) if -(-tokens // sm_count) % 16 else 16)
+                   for tokens in token_counts(sm_count)}
+        assert classes == {(a, b) for a in (True, False) for b in (1, 2, 16)}
+
+
+def test_compiling_ahead_runs_a_layer_forward_and_backward_once_and_keeps_no_gradient(tiny_llama, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    calls = []
+    layer = tiny_llama.model.layers[0]
+    monkeypatch.setattr(layer, "forward", lambda *a, _f=layer.forward, **kw: calls.append(a[0].shape) or _f(*a, **kw))
+    lora = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    try:
+        base = lora.get_base_model()
+        compile_for_every_step_size(base, bf16=False, sm_count=20)
+        assert [shape[1] for shape in calls] == token_counts(20)
+        assert all(p.grad is None for p in lora.parameters())
+        compile_for_every_step_size(base, bf16=False, sm_count=20)
+        assert len(calls) == len(token_counts(20)), "once per model and precision"
+    finally:
+        lora.unload()
