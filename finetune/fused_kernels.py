@@ -73,10 +73,9 @@ def batch_folded(rope: Callable) -> Callable:
 
     Why: Liger's RoPE kernel takes the batch size as a Triton compile-time constant, and a packed batch
     holds a different number of sequences almost every step, so each new count compiled the kernel again,
-    forward and backward, in the middle of a retrain (the first retrain after a start trained for 15.5 s
-    where later ones took 10). Folded, the batch is always 1. The same numbers: RoPE rotates each token by
-    its own position's angle, and the fold keeps every token next to its own cos and sin (views, no copy
-    where q and k are laid out as the attention projections make them)."""
+    forward and backward, in the middle of a retrain. Folded, the batch is always 1. The same numbers:
+    RoPE rotates each token by its own position's angle, and the fold keeps every token next to its own
+    cos and sin (views, no copy where q and k are laid out as the attention projections make them)."""
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         batch, _, length, _ = q.shape
@@ -111,9 +110,9 @@ def token_counts(sm_count: int) -> list[int]:
 
     Triton compiles a kernel again for each new class of its integer arguments (1, a multiple of 16,
     anything else). Liger's RMSNorm backward takes the step's token count and that count over the GPU's
-    multiprocessors, its RoPE (folded) the token count, and a packed step's count varies: a retrain met a
-    new class at some step and waited there for the compile (~2.5 s each, steps 2 and 12 of the first
-    retrain after a start: bench/RESULTS.md, gpu_inprocess_retrain). These counts give each class."""
+    multiprocessors, its RoPE (folded) the token count, and a packed step's count varies: without these,
+    a retrain met a new class at some step and waited there for the compile (13 compiles in all on an H200,
+    ~0.3 s each: bench/RESULTS.md, gpu_inprocess_retrain_second_start). These counts give each class."""
     counts = [16, 17]  # one row per multiprocessor
     for per_program in (2, 16):  # ceil(tokens / multiprocessors): some other number, a multiple of 16
         most = per_program * sm_count
