@@ -159,7 +159,7 @@ TRAIN_DTYPE_ENV = "SELFCOG_TRAIN_DTYPE"  # float32 | bfloat16: overrides the CPU
 # On a CPU with bf16 instructions the in-process trainer runs its fp32 copy under bf16 autocast: the matrix
 # products in bf16, the LoRA weights, norms, loss and optimizer in fp32. Through the product's pipeline (fp32
 # engine) that trained 42 steps in 138 s against 178 s in fp32 on this 2-core AMD EPYC, and passed the gate
-# in 10 of 10 seeds like fp32 (RECIPES.md, "bf16 autocast on CPUs"). Not for the worker: `swift sft` loads
+# in 10 of 10 seeds on this CPU like fp32 (RECIPES.md, "bf16 autocast on CPUs"). Not for the worker: `swift sft` loads
 # the weights in bf16 without autocast (slower than fp32's 3.3 s a step, 2.7 s vs 2.1 s with autocast) and
 # its quality is unmeasured, so it stays fp32 unless asked. The engine serves and evaluates in fp32 either
 # way (bot/engines/local.py says why).
