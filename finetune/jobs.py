@@ -178,7 +178,9 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
     beating = threading.Event()
     threading.Thread(target=_heartbeat, args=(store, run_id, beating), daemon=True).start()
     try:
-        recipe = recipe or recipe_for(model, settings.device, settings.trainer)  # a bad SELFCOG_TRAIN_DTYPE fails here
+        in_process = trains_in_process(settings, engine)
+        trainer = "in-process" if in_process else "worker"
+        recipe = recipe or recipe_for(model, settings.device, trainer)  # a bad SELFCOG_TRAIN_DTYPE fails the run here
         if trained is not None:
             try:
                 check_adapter_folder(trained, model)
@@ -219,11 +221,10 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
                 engine.expect_back_in(eta + 1)
             store.runs.progress(run_id, stage="training", step=step, total_steps=total, loss=loss, eta_s=eta)
 
-        in_process = trains_in_process(settings, engine)
         with engine.pause_for_training(expected_s=_expected_training_s(store), lend=in_process) as lent:
             candidate = train_adapter(model, dataset_path, run_dir / "train", recipe, on_progress=on_progress,
                                       should_cancel=lambda: store.runs.cancel_requested(run_id), warm=warm,
-                                      trainer="in-process" if in_process else "worker", lent=lent,
+                                      trainer=trainer, lent=lent,
                                       device=engine.device)
         phases.setdefault("worker_start", 0.0)
         phases["training"] = round(time.perf_counter() - clock - phases["worker_start"], 1)
