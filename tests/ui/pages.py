@@ -85,6 +85,22 @@ def admin_tab(page: Page, name: str) -> None:
     page.locator("#admin-panel").get_by_role("tab", name=re.compile(name)).click()
 
 
+def fill_number(page: Page, field: str, value: str, *, tries: int = 3) -> None:
+    """Type a number into a gr.Number and leave the field (Tab), as a person does.
+
+    A Number in a tab that was just opened mounts lazily. Once in CI (2 busy cores), the field showed
+    its blank initial value again after the typing; it did not happen here under 25x CPU throttling,
+    nor with a late page load event. A person who sees their number vanish types it again; so does this,
+    at most `tries` times, and fails if it never sticks."""
+    for _ in range(tries):
+        page.locator(field).fill(value)
+        page.locator(field).press("Tab")
+        if page.locator(field).input_value() == value:
+            return
+        page.wait_for_timeout(500)
+    expect(page.locator(field)).to_have_value(value)
+
+
 def open_chat_tab(page: Page) -> None:
     page.get_by_role("tab", name=re.compile("Chat")).click()
 
