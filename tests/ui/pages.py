@@ -81,17 +81,22 @@ def log_in(page: Page, password: str) -> None:
 
 
 def admin_tab(page: Page, name: str) -> None:
-    """Open one of the admin page's sections: Identity, Corrections, Retrain, Adapters, Before, Schedule."""
+    """Open one of the admin page's sections: Identity, Corrections, Retrain, Adapters, Before, Schedule.
+
+    Gradio 6 mounts a tab's components when the tab is first opened, and applies the values the server
+    sent them meanwhile only after the next animation frames (its core's pending updates); what is typed
+    before that is overwritten. So wait for two frames, as a person's first keystroke would."""
     page.locator("#admin-panel").get_by_role("tab", name=re.compile(name)).click()
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
 
 
 def fill_number(page: Page, field: str, value: str, *, tries: int = 3) -> None:
     """Type a number into a gr.Number and leave the field (Tab), as a person does.
 
-    A Number in a tab that was just opened mounts lazily. Once in CI (2 busy cores), the field showed
-    its blank initial value again after the typing; it did not happen here under 25x CPU throttling,
-    nor with a late page load event. A person who sees their number vanish types it again; so does this,
-    at most `tries` times, and fails if it never sticks."""
+    Once in CI (2 busy cores) the field showed its blank initial value again after the typing, most
+    likely the lazy mount that admin_tab waits out; it never happened here, not under 25x CPU
+    throttling nor with a late page load event. A person who sees their number vanish types it again;
+    so does this, at most `tries` times, and fails if it never sticks."""
     for _ in range(tries):
         page.locator(field).fill(value)
         page.locator(field).press("Tab")
