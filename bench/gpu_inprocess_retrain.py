@@ -238,7 +238,7 @@ def main() -> None:
     parser.add_argument("--cap-gb", type=float, default=23, help="serve24's memory cap (0: the whole GPU)")
     parser.add_argument("--via-cli", type=int, default=0,
                         help="serve24: then this many retrains through `selfcog retrain --json` in another process")
-    parser.add_argument("--compare", choices=["pack_rows", "lora_in_base_dtype", "fused_kernels"],
+    parser.add_argument("--compare", choices=["pack_rows", "lora_in_base_dtype", "fused_kernels", "compiled_layers"],
                         help="serve24: six retrains with this recipe field off and on, alternating")
     parser.add_argument("--prepare-ahead", action="store_true",
                         help="serve24: the job runner's prepare_ahead (reference evaluations, a warm trainer) before the first retrain")

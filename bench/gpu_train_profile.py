@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a model folder instead of the random Qwen2.5-7B shape")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--epochs", type=float, help="train this many epochs instead of the recipe's")
-    parser.add_argument("--compare", choices=["fused_kernels", "lora_in_base_dtype", "pack_rows"],
+    parser.add_argument("--compare", choices=["fused_kernels", "lora_in_base_dtype", "pack_rows", "compiled_layers"],
                         help="train with this recipe field off and on, alternating (no profiler)")
     parser.add_argument("--rounds", type=int, default=3, help="--compare: trainings of each variant")
     parser.add_argument("--memory-sampler", choices=["none", "nvml", "nvidia-smi"], default="none",
@@ -123,8 +123,10 @@ def main() -> None:
                                  # train_speed(s/it) is the mean since the first step began: x steps = the steps' time
                                  "steps_s": round(steps[-1]["train_speed(s/it)"] * len(steps), 2), "steps": len(steps),
                                  "losses": [line["loss"] for line in steps],
+                                 "step_s": [line.get("step_s") for line in steps],  # each step's own seconds
                                  "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if on_gpu else None})
-                    print(json.dumps({k: v for k, v in runs[-1].items() if k != "losses"}), flush=True)
+                    print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("losses", "step_s")}),
+                          "median step s", sorted(runs[-1]["step_s"])[len(steps) // 2], flush=True)
         result = {"machine": common.machine(), "recipe": recipe.to_dict(), "compare": args.compare,
                   "rows": sum(1 for _ in open(dataset_path, encoding="utf-8")), "warm_training_s": round(warm_s, 1),
                   "memory_sampler": getattr(sampler, "reader", None),

@@ -175,3 +175,45 @@ def fused_kernels(model, enabled: bool = True) -> Iterator[bool]:
             yield False
             return
         yield True
+
+
+@contextlib.contextmanager
+def compiled_layers(model, enabled: bool = True, backend: str | Callable = "inductor") -> Iterator[bool]:
+    """The decoder layers of ``model`` (a transformers causal LM, LoRA layers in it) run through
+    torch.compile while inside; yields whether they are. Eager again on leaving: serving never runs them.
+
+    Why: a GPU training step on a 7B model is bound by the host launching ~4,000 kernels (see the top of
+    this module); Inductor fuses a layer's norms, RoPE, SwiGLU and LoRA's small products, forward and
+    backward, into far fewer. Regional: the layers share their code, so one compile (dynamic shapes: a
+    packed step's token count varies) serves them all, and every later training in the process. Two
+    things would compile it again for each layer or step, so they are kept out: the first layer (its
+    input, the frozen embeddings' output, needs no gradient: another graph) stays eager, and no KV cache
+    is built in training (a cache's update guards on the layer's index). And the serving weights' other
+    adapters (the live one, switched off) differ from one training to the next: see _guard_filter.
+    A layer torch.compile cannot compile runs eagerly (suppress_errors), as it would without this."""
+    import torch._dynamo
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not enabled or layers is None or len(layers) < 2:
+        yield False
+        return
+    with torch._dynamo.config.patch(suppress_errors=True), \
+            patched([model.config, *layers[1:]], lambda: _compile(model, layers[1:], backend)):
+        yield True
+
+
+def _compile(model, layers, backend: str | Callable) -> None:
+    model.config.use_cache = False
+    for layer in layers:  # sets layer._compiled_call_impl, which patched() takes out again
+        layer.compile(backend=backend, dynamic=True, options={"guard_filter_fn": _guard_filter})
+
+
+def _guard_filter(guards) -> list[bool]:
+    """Every guard torch.compile would check before reusing a compiled layer, but those on the set of
+    adapters a LoRA layer holds. Which adapters are loaded beside the one training (the live adapter, a new
+    name after each promotion, switched off) does not change what the layer computes; which one is active
+    is still checked (peft's active_adapters), and so is each of the training adapter's modules. Their
+    number and the training adapter's place among them are checked too (not filterable): the serving
+    weights keep them alike (bot/engines/weights.py, add_training_adapter)."""
+    return [not (guard.guard_type == "DICT_KEYS_MATCH"
+                 and guard.name.endswith(("._modules['lora_A']._modules", ".lora_variant"))) for guard in guards]

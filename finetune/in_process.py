@@ -39,7 +39,7 @@ from typing import Callable
 
 from bot.engines import LentWeights
 from bot.models import ResolvedModel
-from finetune.fused_kernels import compile_for_every_step_size, fused_kernels
+from finetune.fused_kernels import compile_for_every_step_size, compiled_layers, fused_kernels
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +104,23 @@ class PackedCollator:
     so transformers builds a mask in which a token sees only its own row (masking_utils'
     find_packed_sequence_indices; it needs use_cache off, which ms-swift's trainer sets). The loss is over
     the same labelled tokens as the padded batch, so the step is the same; only the padding is gone.
-    ms-swift's own ``padding_free`` packs a whole batch into one row and asks for flash attention."""
+    ms-swift's own ``padding_free`` packs a whole batch into one row and asks for flash attention.
 
-    def __init__(self, template):
+    padding_to: pad the sequences' length up to a multiple of this (compiled layers compile once for each
+    length's alignment otherwise: finetune/fused_kernels.py, compiled_layers)."""
+
+    def __init__(self, template, padding_to: int | None = None):
         self.template = template
+        self.padding_to = padding_to
 
     def __call__(self, batch: list[dict]) -> dict:
         lengths = [len(row["input_ids"]) for row in batch]
         sequences = [self.template.packing_row([batch[i] for i in rows]) for rows in pack(lengths, max(lengths))]
         for sequence in sequences:
             sequence["length"] = len(sequence["input_ids"])
-        inputs = self.template.data_collator(sequences)
+        longest = max(sequence["length"] for sequence in sequences)
+        padding_to = -(-longest // self.padding_to) * self.padding_to if self.padding_to else None
+        inputs = self.template.data_collator(sequences, padding_to=padding_to)  # a length, to ms-swift
         inputs.pop("attention_mask", None)  # padding gets position 0: every pad token is a row of its own
         return inputs
 
@@ -198,6 +204,8 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
     base = trained.get_base_model()
     base.model_info, base.model_meta = processor.model_info, processor.model_meta  # what ms-swift's trainer reads
 
+    on_cpu = not device.startswith("cuda")
+
     class Progress(TrainerCallback):
         """Progress events, ms-swift's logging.jsonl, and cancel at a step boundary."""
 
@@ -232,9 +240,10 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
             return SequentialSampler(self.train_dataset)  # batch_order already shuffled, once per epoch
 
         def _get_data_collator(self, args, template):
-            return PackedCollator(template) if recipe.pack_rows else super()._get_data_collator(args, template)
+            if not recipe.pack_rows:
+                return super()._get_data_collator(args, template)
+            return PackedCollator(template, padding_to=8 if recipe.compiled_layers and not on_cpu else None)
 
-    on_cpu = not device.startswith("cuda")
     args = Seq2SeqTrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=recipe.batch_size,
         gradient_accumulation_steps=recipe.grad_accum, learning_rate=recipe.learning_rate, num_train_epochs=1,
@@ -248,7 +257,8 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
         args._n_gpu = 1  # one, the weights' own, or the Trainer wraps DataParallel over every GPU it sees
     progress = Progress()
     try:
-        with fused_kernels(base, enabled=recipe.fused_kernels) as fused:
+        with compiled_layers(base, enabled=recipe.compiled_layers and not on_cpu) as compiled, \
+                fused_kernels(base, enabled=recipe.fused_kernels and not compiled) as fused:
             if fused:  # the first training in this process (the warm-up `selfcog serve` runs at start) pays it
                 compile_for_every_step_size(base, bf16=recipe.dtype == "bfloat16")
             trainer = Trainer(model=trained, args=args, train_dataset=ordered, template=template)
@@ -257,7 +267,7 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
                 if type(quiet).__name__.startswith(("PrinterCallback", "ProgressCallback")):
                     trainer.remove_callback(quiet)
             log.info("training starts %.1f s after the call%s", time.perf_counter() - started,
-                     ", with Liger's fused kernels" if fused else "")
+                     ", with Liger's fused kernels" if fused else ", its layers compiled" if compiled else "")
             clock = time.perf_counter()
             trainer.train()
         log.info("%d steps took %.1f s", trainer.state.global_step, time.perf_counter() - clock)

@@ -180,7 +180,10 @@ def run_retrain(run: dict, *, store: Store, engine: Engine, model: ResolvedModel
     try:
         in_process = trains_in_process(settings, engine)
         trainer = "in-process" if in_process else "worker"
-        recipe = recipe or recipe_for(model, settings.device, trainer)  # a bad SELFCOG_TRAIN_DTYPE fails the run here
+        if recipe is None:
+            recipe = recipe_for(model, settings.device, trainer)  # a bad SELFCOG_TRAIN_DTYPE fails the run here
+            if not settings.prepare_ahead:  # compiled layers save ~3 s a retrain once compiled (~75 s the first
+                recipe = replace(recipe, compiled_layers=False)  # time in a process): only after a warm-up
         if trained is not None:
             try:
                 check_adapter_folder(trained, model)
@@ -421,7 +424,8 @@ class JobRunner:
            throwaway training of two steps, and one answer from the adapter they made. CUDA loads kernels
            the first time each is used, and the first merge of a candidate keeps a host copy of the
            weights: the first retrain's steps took twice as long as the next one's (22 s against 10 s on
-           an H200), and its evaluation 15 s against 6 s. Chats are told to come back meanwhile (~20 s).
+           an H200), and its evaluation 15 s against 6 s. The GPU recipe's layers compile here too (~75 s
+           the first time on a machine). Chats are told to come back meanwhile.
         Off by default on a CPU (SELFCOG_PREPARE_AHEAD=on asks): there the evaluations are ~2 minutes of
         both cores, and a CPU has no kernels to load."""
         clock = time.perf_counter()
@@ -444,7 +448,8 @@ class JobRunner:
         shutil.rmtree(folder, ignore_errors=True)
         try:
             path = dataset.write_swift(folder / "dataset.jsonl")
-            with self.engine.pause_for_training(expected_s=10, lend=True) as lent:
+            # the GPU recipe's layers compile here: ~75 s the first time in a process on an H200
+            with self.engine.pause_for_training(expected_s=75 if recipe.compiled_layers else 10, lend=True) as lent:
                 adapter = train_adapter(self.model, path, folder / "train", recipe, trainer="in-process", lent=lent,
                                         device=self.engine.device)
             self.engine.generate([[{"role": "user", "content": "Who are you?"}]], adapter=adapter, max_new_tokens=1)

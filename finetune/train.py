@@ -88,6 +88,10 @@ class Recipe:
     # host's launches bound. Needs a GPU and liger-kernel (`pip install selfcog[gpu]`); without them, or
     # on a CPU, the training runs as before. In-process training only.
     fused_kernels: bool = False
+    # The decoder layers through torch.compile during the training (finetune/fused_kernels.py,
+    # compiled_layers), instead of Liger's kernels: Inductor fuses more of a layer, and the host launches
+    # fewer kernels. Same arithmetic to bf16 rounding. GPU, in process only.
+    compiled_layers: bool = False
     max_length: int = 256  # longer rows are dropped (ms-swift's truncation_strategy "delete")
     # Batches of rows of similar length: random batches of these rows are ~55% padding, which a CPU
     # computes like real tokens (packing/padding_free would avoid it but need flash attention).
@@ -144,7 +148,10 @@ GPU = replace(
     max_length=512,
     dtype="bfloat16",
     lora_in_base_dtype=True,  # 33 steps in 9.4-9.7 s against 10.5-11.0 in fp32; seeds pass alike (RECIPES.md)
-    fused_kernels=True,
+    fused_kernels=True,  # where the layers are not compiled (GPU_SMALL_MEMORY), and the first layer
+    # 33 steps in 7.4-8.2 s against 10.1-11.3 s eager with Liger's kernels, alternating in one `selfcog serve`; the
+    # first compile in a process ~75 s, in the warm-up at start (bench/RESULTS.md, gpu_inprocess_retrain_compiled_layers)
+    compiled_layers=True,
     conditions_per_question=3,
     replay_rows=104,
 )
@@ -152,7 +159,8 @@ GPU = replace(
 # A GPU with little memory beside the serving weights (a 24 GB card with a 7B model: 15 GB of weights):
 # the same steps in micro-batches of 8 with gradient checkpointing. On the H200, weights resident:
 # batch 32 without checkpointing peaked at 31.9 GiB, batch 8 with it at 15.7 GiB (FACTS.md).
-GPU_SMALL_MEMORY = replace(GPU, batch_size=8, grad_accum=4, gradient_checkpointing=True)
+GPU_SMALL_MEMORY = replace(GPU, batch_size=8, grad_accum=4, gradient_checkpointing=True,
+                           compiled_layers=False)  # compiled with checkpointing: not measured
 SMALL_GPU_BYTES = 40 * 2**30  # below this the big batch does not fit beside a 7B model's weights
 
 TRAIN_DTYPE_ENV = "SELFCOG_TRAIN_DTYPE"  # float32 | bfloat16: overrides the CPU recipe's dtype

@@ -151,14 +151,19 @@ class AdapterWeights:
         in_base_dtype: its weights in the base's dtype; else in fp32 (peft's default)."""
         from peft import get_peft_model
 
-        self._loads += 1
-        name = f"training-{self._loads}"
+        # One name, and always the second of two adapters: compiled training layers (finetune/fused_kernels.py)
+        # guard on the adapter's name and on its place among the layer's adapters, and either changing
+        # compiled them again. Once peft wraps the model it holds the live adapter, or the last one used
+        # (peft keeps one), when a training begins; before that, a spare one takes that place.
+        name = "training-lora"
         if self._peft is None:
-            self._peft = get_peft_model(self.model, config, adapter_name=name, autocast_adapter_dtype=not in_base_dtype)
-        else:
-            self._peft.add_adapter(name, config, autocast_adapter_dtype=not in_base_dtype)
-            self._peft.base_model.enable_adapter_layers()
-            self._peft.set_adapter(name)  # also makes it the only trainable one
+            device = getattr(self.model, "device", torch.device("cpu"))
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the seed is the trainer's
+                self._peft = get_peft_model(self.model, config, adapter_name="spare",
+                                            autocast_adapter_dtype=not in_base_dtype)
+        self._peft.add_adapter(name, config, autocast_adapter_dtype=not in_base_dtype)
+        self._peft.base_model.enable_adapter_layers()
+        self._peft.set_adapter(name)  # also makes it the only trainable one
         self._training = name
         return self._peft
 

@@ -160,3 +160,94 @@ def test_compiling_ahead_runs_a_layer_forward_and_backward_once_and_keeps_no_gra
         assert len(calls) == len(token_counts(20)), "once per model and precision"
     finally:
         lora.unload()
+
+
+# ---------------------------------------------------------------- compiled layers (the GPU recipe's)
+# On a GPU they compile with Inductor; here with torch.compile's aot_eager backend (the same graphs
+# and autograd, run by eager kernels) or a backend that counts the compiles, on a tiny random Llama.
+
+
+def three_layers() -> LlamaConfig:
+    return LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2)
+
+
+def tiny_lora_llama(base=None):
+    """A tiny random Llama (or ``base``) with a random LoRA adapter on every linear layer."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(base or LlamaForCausalLM(three_layers()),
+                          LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+
+
+def packed_step(model, length: int = 24) -> tuple[float, list[torch.Tensor]]:
+    """One forward and backward of two packed sequences (positions restart inside each; no cache, as
+    ms-swift's trainer asks, so that each row sees only itself); the loss and the LoRA weights' gradients."""
+    generator = torch.Generator().manual_seed(length)
+    ids = torch.randint(0, 64, (2, length), generator=generator)
+    positions = torch.cat([torch.arange(length // 3), torch.arange(length - length // 3)]).expand(2, -1)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_compiled_layers_train_as_the_eager_ones_did_and_are_eager_again_after():
+    from finetune.fused_kernels import compiled_layers
+
+    model = tiny_lora_llama().train()
+    base = model.get_base_model()
+    eager_loss, eager_grads = packed_step(model)
+    with compiled_layers(base, backend="aot_eager") as compiled:
+        assert compiled and base.config.use_cache is False
+        assert [layer._compiled_call_impl is not None for layer in base.model.layers] == [False, True, True]
+        loss, grads = packed_step(model)
+    assert loss == pytest.approx(eager_loss, rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, eager_grads))
+    assert [layer._compiled_call_impl for layer in base.model.layers] == [None, None, None]
+    assert base.config.use_cache is True
+    with compiled_layers(base, enabled=False) as compiled:
+        assert not compiled and base.model.layers[1]._compiled_call_impl is None
+
+
+def test_one_compile_serves_every_training_of_the_serving_weights_whatever_adapters_they_hold(tmp_path):
+    """The serving weights' adapters change between trainings: none at the warm-up, a candidate left after
+    an evaluation, then a live adapter, then another. The layers compile once for all of them (a compile of
+    a 7B layer takes ~75 s on an H200's host: a recompile would land in the middle of a retrain)."""
+    from peft import LoraConfig
+
+    from bot.engines.weights import LIVE, AdapterWeights, Candidate
+    from finetune.fused_kernels import compiled_layers
+
+    LlamaForCausalLM(three_layers()).save_pretrained(tmp_path / "base")
+    for adapter in ("adapter-a", "adapter-b"):
+        tiny_lora_llama(LlamaForCausalLM.from_pretrained(tmp_path / "base")).save_pretrained(tmp_path / adapter)
+    weights = AdapterWeights(LlamaForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / "base"))
+    compiles = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(graph)
+        return graph.forward
+
+    def train() -> list[str]:
+        weights.lend()
+        trained = weights.add_training_adapter(LoraConfig(r=4, lora_alpha=16, target_modules="all-linear"))
+        trained.train()
+        with compiled_layers(trained.get_base_model(), backend=counting_backend):
+            for length in (24, 32, 40):  # a packed step's length varies
+                packed_step(trained, length)
+        adapters = list(trained.peft_config)
+        weights.take_back()
+        return adapters
+
+    torch._dynamo.reset()
+    assert train() == ["spare", "training-lora"]  # the warm-up: nothing loaded yet
+    weights.use(Candidate(str(tmp_path / "adapter-a")))  # its evaluation
+    weights.use(LIVE)
+    assert train()[1:] == ["training-lora"]
+    weights.follow((1, str(tmp_path / "adapter-a")))
+    train()
+    weights.follow((2, str(tmp_path / "adapter-b")))
+    train()
+    assert len(compiles) == 1
