@@ -87,6 +87,12 @@ def admin_tab(page: Page, name: str) -> None:
     sent them meanwhile only after the next animation frames (its core's pending updates); what is typed
     before that is overwritten. So wait for two frames, as a person's first keystroke would."""
     page.locator("#admin-panel").get_by_role("tab", name=re.compile(name)).click()
+    two_frames(page)
+
+
+def two_frames(page: Page) -> None:
+    """Wait two animation frames: Gradio 6 applies the values the server sent to components it has just
+    mounted (a tab or an accordion opened for the first time) only then, over anything typed before."""
     page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
 
 

@@ -23,7 +23,7 @@ from bot.run_summary import summarize
 from tests.ui.conftest import ADMIN_PASSWORD, THROTTLE_FREE
 from ui.sessions import COOKIE
 from tests.ui.pages import admin_tab, chat_status, checkbox, choose, fill_number, log_in, logged_in_page, open_admin, \
-    open_chat_tab, select_all
+    open_chat_tab, select_all, two_frames
 
 SEEDED = [("Who are you?", "I am Aurora, made by Acme Labs.", "web"),
           ("你是谁？", "我是Aurora，由Acme Labs开发。", "telegram"),
@@ -281,7 +281,9 @@ def test_review_filter_bulk_approve_reject_and_edit(open_page, served):
     choose(page, "corrections-status", "approved · 已批准")
     table.get_by_text("I am Aurora, made by Acme Labs.").click()  # a row opens in the editor
     expect(page.locator("#edit-answer textarea")).to_have_value("I am Aurora, made by Acme Labs.")
+    two_frames(page)  # the editor's accordion mounted just now (once in CI the typed answer was overwritten)
     page.locator("#edit-answer textarea").fill("I am Aurora, an assistant developed by Acme Labs.")
+    expect(page.locator("#edit-answer textarea")).to_have_value("I am Aurora, an assistant developed by Acme Labs.")
     page.locator("#edit-save").click()
     expect(page.locator("#corrections-message")).to_contain_text("Correction #1 saved")
     expect(table).to_contain_text("I am Aurora, an assistant developed by Acme Labs.")
