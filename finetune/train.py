@@ -148,7 +148,7 @@ GPU = replace(
     max_length=512,
     dtype="bfloat16",
     lora_in_base_dtype=True,  # 33 steps in 9.4-9.7 s against 10.5-11.0 in fp32; seeds pass alike (RECIPES.md)
-    fused_kernels=True,  # where the layers are not compiled (GPU_SMALL_MEMORY), and the first layer
+    fused_kernels=True,  # where the layers are not compiled: GPU_SMALL_MEMORY, a one-shot `selfcog retrain`
     # 33 steps in 7.4-8.2 s against 10.1-11.3 s eager with Liger's kernels, alternating in one `selfcog serve`; the
     # first compile in a process ~75 s, in the warm-up at start (bench/RESULTS.md, gpu_inprocess_retrain_compiled_layers)
     compiled_layers=True,
