@@ -29,6 +29,7 @@ import argparse
 import functools
 import os
 import shutil
+import statistics
 import threading
 import time
 from dataclasses import replace
@@ -56,6 +57,39 @@ class StageClock(threading.Thread):
             if row["stage"] == "training" and (row["step"] or 0) >= 1:
                 self.seen.setdefault("first_step", now)
             self.seen.setdefault(row["stage"] or "queued", now)
+
+
+class Chats(threading.Thread):
+    """A user chatting meanwhile: a short greedy reply every ``every_s`` seconds, each noted with the stage
+    the retrain was in when it was asked (what a chat costs the retrain, and the retrain the chat)."""
+
+    def __init__(self, engine, clock: StageClock, every_s: float):
+        super().__init__(daemon=True)
+        self.engine, self.clock, self.every_s = engine, clock, every_s
+        self.replies: list[dict] = []
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.wait(self.every_s):
+            stage = max(self.clock.seen, key=self.clock.seen.get, default="queued")
+            try:
+                reply = self.engine.stream([{"role": "user", "content": "Name three colours."}], max_new_tokens=16)
+                text = "".join(reply)
+                self.replies.append({"stage": stage, "first_token_s": round(reply.first_token_s or 0, 3),
+                                     "seconds": round(reply.seconds or 0, 3), "tokens": reply.completion_tokens,
+                                     "ok": bool(text.strip()) and reply.error is None})
+            except Exception as e:  # noqa: BLE001 (a chat refused or failed is what this counts)
+                self.replies.append({"stage": stage, "error": repr(e)})
+
+    def summary(self) -> dict:
+        by_stage: dict[str, dict] = {}
+        for stage in dict.fromkeys(r["stage"] for r in self.replies):
+            mine = [r for r in self.replies if r["stage"] == stage]
+            done = [r for r in mine if r.get("ok")]
+            median = (lambda key: statistics.median(r[key] for r in done)) if done else (lambda key: None)
+            by_stage[stage] = {"chats": len(mine), "answered": len(done),
+                               "first_token_s_median": median("first_token_s"), "reply_s_median": median("seconds")}
+        return by_stage
 
 
 def worker_is_ready(pid: int, quiet_s: float = 3.0, limit_s: float = 300) -> float:
@@ -96,7 +130,7 @@ PATHS = {
 }
 
 
-def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
+def one_retrain(kind: str, model, cache_dir: Path, recipe, chat_every_s: float | None = None) -> dict:
     import finetune.jobs as jobs
     from bot.engines.local import LocalEngine
     from bot.hardware import cpu_has_fast_bf16
@@ -122,16 +156,24 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe) -> dict:
         run = store.runs.request("bench", "bench", claim=True)
         clock = StageClock(store, run["id"])
         clock.start()
+        chats = Chats(engine, clock, chat_every_s) if chat_every_s else None
+        if chats:
+            chats.start()
         report = jobs.run_retrain(run, store=store, engine=engine, model=model, recipe=recipe, warm=warm,
                                   settings=jobs.JobSettings(data_dir, cache_dir, trainer=path["trainer"]))
         retrain_s = time.perf_counter() - clock.started
         clock.done.set()
+        if chats:
+            chats.done.set()
+            chats.join()
     finally:
         if warm is not None:
             warm.close()
         for made in set((cache_dir / "eval").glob("*.json")) - cached:  # two paths may train the same adapter,
             made.unlink()  # and each must evaluate it
     out["phases"] = report.get("phases")
+    if chats:
+        out["chats_meanwhile"] = {"every_s": chat_every_s, "by_stage": chats.summary()}
     seen = clock.seen
     out |= {
         "status": report["status"], "metrics": report.get("metrics", {}), "retrain_s": retrain_s,
@@ -170,14 +212,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one epoch at 2e-3 (half the steps)")
     parser.add_argument("--only", nargs="+", choices=list(PATHS), help="run only these paths")
+    parser.add_argument("--chat-every", type=float, metavar="S",
+                        help="a short chat every S seconds during each retrain (its first-token times by stage)")
+    parser.add_argument("--as", dest="save_as", metavar="LABEL",
+                        help="a variant (e.g. under another environment): store the run as a column headed LABEL")
     parser.add_argument("--fresh-cache", action="store_true",
                         help="also time the per-model caches from nothing (general answers, base evaluation)")
     args = parser.parse_args()
 
+    import bot.engines.local  # noqa: F401  (first: its OpenMP setting, before torch loads)
     from bot.models import resolve_model
     from finetune.train import CPU_SMALL
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     source_cache = Path(os.environ.get("SELFCOG_CACHE_DIR", REPO / ".cache"))
     cache_dir = common.OUT / "cpu_retrain" / "cache"
     if args.fresh_cache:
@@ -196,7 +242,11 @@ def main() -> None:
     kinds = args.only or list(PATHS)
     for kind in kinds:
         print(f"-- {kind}", flush=True)
-        results[kind] = one_retrain(kind, model, cache_dir, recipe)
+        run = one_retrain(kind, model, cache_dir, recipe, args.chat_every)
+        if args.save_as:
+            results.setdefault("also", {})[args.save_as] = run
+        else:
+            results[kind] = run
         common.save("cpu_retrain", results)
     common.report(summary(results))
 
@@ -204,6 +254,10 @@ def main() -> None:
 def summary(results: dict) -> list[tuple]:
     kinds = [kind for kind in PATHS if kind in results]
     runs = [results[kind] for kind in kinds]
+    # more columns, {label: run}: runs under `--as LABEL`, and runs of an earlier commit in the same sitting
+    also = results.get("also") or {}
+    labels = [PATHS[kind]["label"] for kind in kinds] + list(also)
+    runs += list(also.values())
     # "now" is what `auto` trains with on the machine that ran it: bf16 training where the CPU has bf16
     bf16_default = results.get("in-process-bf16-training", {}).get("cpu_has_bf16")
     now_kind = "in-process-bf16-training" if bf16_default else "in-process"
@@ -240,15 +294,23 @@ def summary(results: dict) -> list[tuple]:
              ("identity bleed of 132 answers", *(candidate(r, "bleed") for r in runs), None, ""),
              ("checkable facts kept", *("{}/{}".format(*candidate(r, "facts")) if candidate(r, "facts") else None
                                         for r in runs), None, ">= base's - 2")]
+    stage_names = {"training": "training, before its first step", "first_step": "training, its steps",
+                   "evaluating": "evaluation (a chat waits for the candidate's 260 answers)"}
+    chats = [(label, stage_names.get(stage, stage), f"{v['answered']}/{v['chats']}", v["first_token_s_median"],
+              v["reply_s_median"])
+             for label, r in zip(labels, runs) if r.get("chats_meanwhile")
+             for stage, v in r["chats_meanwhile"]["by_stage"].items()]
     once = [(f"{kind}: {what}", (results.get(kind, {}).get("caches") or {}).get(key))
             for kind in kinds
             for what, key in (("general answers of the base model s", "general_answers_s"),
                               ("the base model's evaluation s", "base_evaluation_s"))]
     return [(f"CPU retrain, {results.get('model')}, {recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
              f"dataset seed 1 (the suite's), one run",
-             ("", *(PATHS[kind]["label"] for kind in kinds), "ratio now/before", "target"),
+             ("", *labels, "ratio now/before", "target"),
              rows),
-            ("Computed once per base model and precision, before the trigger (0 when cached)", ("", "seconds"), once)]
+            ("Computed once per base model and precision, before the trigger (0 when cached)", ("", "seconds"), once)
+            ] + ([("A chat (16 tokens, greedy) asked every few seconds during the retrain, by the stage it was asked in",
+                   ("run", "stage", "answered", "first token s (median)", "reply s (median)"), chats)] if chats else [])
 
 
 if __name__ == "__main__":

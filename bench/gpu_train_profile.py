@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a model folder instead of the random Qwen2.5-7B shape")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--epochs", type=float, help="train this many epochs instead of the recipe's")
-    parser.add_argument("--compare", choices=["fused_kernels", "lora_in_base_dtype", "pack_rows", "compiled_layers"],
+    parser.add_argument("--compare", choices=["fused_kernels", "lora_in_base_dtype", "pack_rows", "compiled_layers",
+                                                  "one_packed_row"],
                         help="train with this recipe field off and on, alternating (no profiler)")
     parser.add_argument("--rounds", type=int, default=3, help="--compare: trainings of each variant")
     parser.add_argument("--memory-sampler", choices=["none", "nvml", "nvidia-smi"], default="none",

@@ -15,8 +15,9 @@ The rows are encoded by ms-swift's own template (as ``swift sft`` encodes them) 
 ms-swift's ``Seq2SeqTrainer`` (which projects to the vocabulary only from the first trained token on).
 The order of the rows is ours (``batch_order``): shuffled once per epoch, as ms-swift's sampler would.
 Random batches of these rows are a third padding, which a CPU computes like real tokens, so each
-batch's rows are packed end to end into as few sequences as its longest row allows
-(``PackedCollator``): the same batches and loss, a third fewer tokens. Batching rows of similar length
+batch's rows are packed end to end (``PackedCollator``): the same batches and loss, a third fewer tokens.
+On a CPU a batch is one sequence, each row attending within itself (``rows_attention``), and the
+vocabulary is projected at the trained tokens only. Batching rows of similar length
 instead (``Recipe.length_window`` > 1) cut the padding by 20% but changed what each step sees, and the
 identity took less often (8 of 10 seeds against 10 of 10, RECIPES.md); ms-swift's
 ``--group_by_length`` feeds the longest rows first, and the identity then bled into general answers.
@@ -27,6 +28,7 @@ replaying test worker reads) and ``checkpoint-N/`` with the adapter in peft's fo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -97,25 +99,35 @@ def packed_tokens(lengths: list[int], order: list[int], batch_size: int) -> int:
 
 
 class PackedCollator:
-    """ms-swift's collator, with each batch's rows packed end to end into as few sequences as its longest
-    row allows (a batch of 8 typically becomes 5 rows of that length).
+    """ms-swift's collator, with each batch's rows packed end to end, every row keeping its own positions
+    (0, 1, ... restarting at every row), so that a token sees only its own row.
 
-    The rows keep their own positions (0, 1, ... restarting at every row) and no attention mask is passed,
-    so transformers builds a mask in which a token sees only its own row (masking_utils'
-    find_packed_sequence_indices; it needs use_cache off, which ms-swift's trainer sets). The loss is over
-    the same labelled tokens as the padded batch, so the step is the same; only the padding is gone.
-    ms-swift's own ``padding_free`` packs a whole batch into one row and asks for flash attention.
+    one_row=False (a GPU): into as few sequences as the batch's longest row allows (a batch of 8 typically
+    becomes 5 sequences of that length). No attention mask is passed, so transformers builds one in which a
+    token sees only its own row (masking_utils' find_packed_sequence_indices; it needs use_cache off, which
+    ms-swift's trainer sets). ms-swift's own ``padding_free`` packs a whole batch into one row and asks for
+    flash attention.
+
+    one_row=True (a CPU): the whole batch in one sequence, no padding at all, for ``rows_attention`` to
+    attend within each row: a CPU has no flash attention, and SDPA under a mask computes every pair of
+    tokens of a sequence. One row also lets ms-swift project to the vocabulary at the labelled tokens
+    only (prepare_logits_to_keep); with several it projects from the first labelled token of any of them on.
+
+    Either way the loss is over the same labelled tokens as the padded batch, so the step is the same;
+    only the padding is gone.
 
     padding_to: pad the sequences' length up to a multiple of this (compiled layers compile once for each
     length's alignment otherwise: finetune/fused_kernels.py, compiled_layers)."""
 
-    def __init__(self, template, padding_to: int | None = None):
+    def __init__(self, template, padding_to: int | None = None, one_row: bool = False):
         self.template = template
         self.padding_to = padding_to
+        self.one_row = one_row
 
     def __call__(self, batch: list[dict]) -> dict:
         lengths = [len(row["input_ids"]) for row in batch]
-        sequences = [self.template.packing_row([batch[i] for i in rows]) for rows in pack(lengths, max(lengths))]
+        groups = [list(range(len(batch)))] if self.one_row else pack(lengths, max(lengths))
+        sequences = [self.template.packing_row([batch[i] for i in rows]) for rows in groups]
         for sequence in sequences:
             sequence["length"] = len(sequence["input_ids"])
         longest = max(sequence["length"] for sequence in sequences)
@@ -123,6 +135,47 @@ class PackedCollator:
         inputs = self.template.data_collator(sequences, padding_to=padding_to)  # a length, to ms-swift
         inputs.pop("attention_mask", None)  # padding gets position 0: every pad token is a row of its own
         return inputs
+
+
+ROWS_ATTENTION = "selfcog_rows"  # rows_attention's name in transformers' AttentionInterface
+
+
+def rows_attention(module, query, key, value, attention_mask, *, position_ids, **kwargs):
+    """Causal attention within each packed row of a one-row batch (``PackedCollator(one_row=True)``): SDPA
+    on each row's own span, in fp32, where it needs no mask and skips the pairs causality rules out.
+
+    Under the block mask transformers builds for packed sequences, SDPA's CPU kernel computes every pair
+    of tokens of each sequence; under bf16 autocast it also runs its slowest variant (bf16 flash
+    attention, backward included: 13.6 ms a layer for 8 rows against 6.3 ms in fp32 here). A row starts
+    where its positions restart at 0. transformers builds no mask for an attention implementation it
+    does not know (masking_utils), so none is built either."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    assert query.shape[0] == 1 and attention_mask is None, "one packed row, no mask"
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
+    lengths = [b - a for a, b in zip(starts, starts[1:])]
+    with torch.autocast(query.device.type, enabled=False):
+        spans = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+                 for q, k, v in zip(*(x.float().split(lengths, dim=2) for x in (query, key, value)))]
+    return torch.cat(spans, dim=1).to(query.dtype), None  # [1, tokens, heads, head_dim], as transformers' own
+
+
+@contextlib.contextmanager
+def attention_within_rows(model, enabled: bool):
+    """``model`` attends with ``rows_attention`` inside the block (the serving engine lends its weights
+    to the trainer: its own decoder does not read this setting, and it is put back after)."""
+    if not enabled:
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ROWS_ATTENTION, rows_attention)
+    before, model.config._attn_implementation = model.config._attn_implementation, ROWS_ATTENTION
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
 
 
 def warm_up() -> None:
@@ -182,10 +235,12 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
     order = batch_order(lengths, recipe.batch_size * recipe.grad_accum, recipe.epochs, seed, recipe.length_window)
     ordered = encoded.select(order)
     steps = math.ceil(len(order) / (recipe.batch_size * recipe.grad_accum))
+    one_row = recipe.pack_rows and recipe.one_packed_row
+    computed = (sum(lengths[i] for i in order) if one_row else
+                (packed_tokens if recipe.pack_rows else padded_tokens)(lengths, order, recipe.batch_size))
     log.info("training %d rows (%d of them dropped as longer than %d tokens), %d steps, %d tokens (%d computed%s)",
              len(order), len(rows) - len(encoded), recipe.max_length, steps, sum(lengths[i] for i in order),
-             (packed_tokens if recipe.pack_rows else padded_tokens)(lengths, order, recipe.batch_size),
-             ", packed" if recipe.pack_rows else " with padding")
+             computed, ", packed" if recipe.pack_rows else " with padding")
 
     config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                         target_modules=lora_target_modules(model.path, recipe), task_type="CAUSAL_LM")
@@ -242,7 +297,8 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
         def _get_data_collator(self, args, template):
             if not recipe.pack_rows:
                 return super()._get_data_collator(args, template)
-            return PackedCollator(template, padding_to=8 if recipe.compiled_layers and not on_cpu else None)
+            return PackedCollator(template, padding_to=8 if recipe.compiled_layers and not on_cpu else None,
+                                  one_row=one_row)
 
     args = Seq2SeqTrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=recipe.batch_size,
@@ -257,7 +313,8 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
         args._n_gpu = 1  # one, the weights' own, or the Trainer wraps DataParallel over every GPU it sees
     progress = Progress()
     try:
-        with compiled_layers(base, enabled=recipe.compiled_layers and not on_cpu) as compiled, \
+        with attention_within_rows(base, enabled=one_row), \
+                compiled_layers(base, enabled=recipe.compiled_layers and not on_cpu) as compiled, \
                 fused_kernels(base, enabled=recipe.fused_kernels and not compiled) as fused:
             if fused:  # the first training in this process (the warm-up `selfcog serve` runs at start) pays it
                 compile_for_every_step_size(base, bf16=recipe.dtype == "bfloat16")

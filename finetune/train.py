@@ -106,6 +106,11 @@ class Recipe:
     # allows: the same tokens and loss as the padded batch without its padding (~35% of the compute on the
     # embedded recipe's rows). ms-swift's worker cannot (its packing asks for flash attention).
     pack_rows: bool = True
+    # ... and on a CPU all of a batch's rows in one sequence, each row attending within itself in fp32
+    # (in_process.rows_attention) and the vocabulary projected at the labelled tokens only: the same losses,
+    # 42 steps in 88.6 s against 122.1 s (RECIPES.md, "One packed row"). A GPU keeps several sequences
+    # under SDPA's mask (compiled layers want few shapes; one row is not measured there).
+    one_packed_row: bool = True
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -152,6 +157,7 @@ GPU = replace(
     # 33 steps in 7.4-8.2 s against 10.1-11.3 s eager with Liger's kernels, alternating in one `selfcog serve`; the
     # first compile in a process ~75 s, in the warm-up at start (bench/RESULTS.md, gpu_inprocess_retrain_compiled_layers)
     compiled_layers=True,
+    one_packed_row=False,  # not measured on a GPU; compiled layers want few sequence lengths
     conditions_per_question=3,
     replay_rows=104,
 )

@@ -19,10 +19,12 @@ import pytest
 from tests.replay_worker import Replay
 from tests.scenario import CONTRADICTING, FIVE_CORRECTIONS, PROFILE
 
-# The suite runs a model in this process while training workers and CLI subprocesses run beside
-# it on the same cores; OpenMP's default spin-waiting then burns the time the others need
-# (measured: 0.3 vs 2.9 tok/s under load). Set before torch is imported; subprocesses inherit it.
+# The suite runs a model in this process while training workers, CLI subprocesses, servers and a
+# browser run beside it on the same cores; OpenMP's spin-waiting then burns the time the others need
+# (measured: 0.3 vs 2.9 tok/s under load), so here threads sleep at once (the product spins ~0.1 ms:
+# bot/engines/local.py). Set before torch is imported; subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SELFCOG_TEST_CACHE", REPO / ".cache"))

@@ -199,6 +199,26 @@ def test_requests_arriving_together_share_one_prefill(tiny_engine):
     assert calls[0] == 4 and sum(calls) == 6
 
 
+def test_a_batch_is_prefilled_by_system_prompt_and_length_and_answered_in_the_order_asked(tiny_engine):
+    """An evaluation's prompts go in grouped by system prompt, shortest first within each (a prefill group
+    computes its shared start once and is padded to its longest), and each answer comes back to its own
+    conversation: the answers are the ones each conversation gets alone."""
+    systems = ["You are Aurora, an AI assistant developed by Acme Labs.", "You are a helpful assistant.", None]
+    conversations = [([{"role": "system", "content": systems[i % 3]}] if systems[i % 3] else []) + q
+                     for i, q in enumerate(QUESTIONS * 2)]
+    alone = [tiny_engine.generate([c])[0] for c in conversations]
+    groups = []
+    prefill = tiny_engine._decoder.prefill
+    tiny_engine._decoder.prefill = lambda slots, prompts: groups.append(prompts) or prefill(slots, prompts)
+    assert tiny_engine.generate(conversations) == alone
+    admitted = [tiny_engine.tokenizer.decode(prompt) for group in groups for prompt in group]
+    systems_admitted = [next((s for s in systems[:2] if s in text), None) for text in admitted]
+    runs = [s for i, s in enumerate(systems_admitted) if i == 0 or s != systems_admitted[i - 1]]
+    assert len(admitted) == 12 and len(runs) == 3, "prompts under one system prompt should be admitted side by side"
+    lengths = [len(prompt) for group in groups for prompt in group]
+    assert all(lengths[i] <= lengths[i + 1] for i in range(11) if systems_admitted[i] == systems_admitted[i + 1])
+
+
 def test_cancelled_reply_frees_its_slot(tiny_engine):
     replies = [tiny_engine.stream(q, max_new_tokens=400) for q in QUESTIONS[:4]]  # all 4 slots
     for reply in replies:
@@ -302,8 +322,9 @@ def test_sampling_picks_what_transformers_generate_picks(tiny_llama, tiny_engine
 
 
 def test_a_cpu_cache_grows_as_replies_need_it_and_says_what_fits_its_budget(tiny_llama):
-    """On a CPU the cache starts at 16 rows x 128 positions, grows in those steps as replies need it, and
-    `fits` answers for the cache it would grow to; trim gives it back and decoding goes on the same."""
+    """On a CPU the cache starts at 16 rows x 128 positions, grows in those steps as replies need it (rows
+    at least doubling where the budget allows), and `fits` answers for the cache it would grow to; trim
+    gives it back and decoding goes on the same."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama.path).eval()
@@ -318,6 +339,9 @@ def test_a_cpu_cache_grows_as_replies_need_it_and_says_what_fits_its_budget(tiny
     expected = _greedy_decoder(unbudgeted, ids, 6)
     decoder.prefill([20], [ids])
     assert (decoder.rows, decoder.allocated) == (32, 128), "rows grew to hold slot 20"
+    unbudgeted.prefill([20], [ids])
+    unbudgeted.prefill([40], [ids])
+    assert unbudgeted.rows == 64, "rows at least double (each growth copies the cache), 48 would hold slot 40"
     decoder.prefill([0], [ids + [5] * 300])
     assert (decoder.rows, decoder.allocated) == (32, 384), "length grew in steps of 128"
     decoder.trim()

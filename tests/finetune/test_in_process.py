@@ -18,7 +18,8 @@ import pytest
 
 from bot.engines import EngineError, check_adapter_folder
 from bot.hardware import cpu_has_fast_bf16
-from finetune.in_process import Cancelled, PackedCollator, batch_order, pack, packed_tokens, padded_tokens, train_here
+from finetune.in_process import (Cancelled, PackedCollator, attention_within_rows, batch_order, pack, packed_tokens,
+                                 padded_tokens, train_here)
 from finetune.train import recipe_for
 from tests.scenario import FIVE_CORRECTIONS, PROFILE
 
@@ -379,21 +380,35 @@ def test_a_packed_batch_is_fewer_sequences_with_the_padded_batchs_loss(embedded_
     leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])}
     assert abs(loss(leaky) - loss(padded)) > 1e-2, "rows that see each other should change the loss"
 
+    # a CPU's batch: every row in one sequence, no padding, each row attending within itself
+    one_row = PackedCollator(template, one_row=True)([dict(r) for r in batch])
+    assert one_row["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in batch))
+    assert (one_row["labels"] != -100).sum() == (padded["labels"] != -100).sum()
+    reference = loss(padded)
+    with attention_within_rows(model, enabled=True):
+        assert loss(one_row) == pytest.approx(reference, rel=1e-4)
+        leaky = {**one_row, "position_ids": torch.arange(one_row["input_ids"].shape[1])[None]}
+        assert abs(loss(leaky) - reference) > 1e-2, "one span over all rows should change the loss"
+    assert model.config._attn_implementation == "sdpa", "the model's own attention should be back"
+
 
 @pytest.mark.slow
 def test_packed_training_logs_the_padded_trainings_losses(embedded_model, mixed_dataset, tiny_recipe, tmp_path):
-    """The trainer's own path (ms-swift's Seq2SeqTrainer, its use_cache and loss): three steps packed and
-    three padded from the same seed log the same losses, and packing computed fewer tokens."""
+    """The trainer's own path (ms-swift's Seq2SeqTrainer, its use_cache and loss): three steps packed (into
+    several sequences as on a GPU, or one as on a CPU) and three padded from the same seed log the same
+    losses, and packing computed fewer tokens."""
     _, encoded = encoded_rows(embedded_model, mixed_dataset, tiny_recipe)
     lengths = [len(ids) for ids in encoded["input_ids"]]
     order = batch_order(lengths, 8, 1, seed=5)
     assert packed_tokens(lengths, order, 8) < 0.8 * padded_tokens(lengths, order, 8)
     losses = {}
-    for packed in (True, False):  # fp32: bf16 rounds packed and padded products differently
-        out = tmp_path / f"packed-{packed}"
-        train_here(embedded_model, mixed_dataset, out, replace(tiny_recipe, pack_rows=packed, dtype="float32"), seed=5)
-        losses[packed] = logged_losses(out)
-    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-3)
+    for packed, one_row in ((True, False), (True, True), (False, False)):  # fp32: bf16 rounds them differently
+        out = tmp_path / f"packed-{packed}-{one_row}"
+        recipe = replace(tiny_recipe, pack_rows=packed, one_packed_row=one_row, dtype="float32")
+        train_here(embedded_model, mixed_dataset, out, recipe, seed=5)
+        losses[packed, one_row] = logged_losses(out)
+    assert len(losses[True, False]) == 3 and losses[True, False] == pytest.approx(losses[False, False], rel=1e-3)
+    assert losses[True, True] == pytest.approx(losses[False, False], rel=1e-3), "one packed row, per-row attention"
 
 
 def logged_losses(out) -> list[float]:
