@@ -322,9 +322,8 @@ def test_sampling_picks_what_transformers_generate_picks(tiny_llama, tiny_engine
 
 
 def test_a_cpu_cache_grows_as_replies_need_it_and_says_what_fits_its_budget(tiny_llama):
-    """On a CPU the cache starts at 16 rows x 128 positions, grows in those steps as replies need it (rows
-    at least doubling where the budget allows), and `fits` answers for the cache it would grow to; trim
-    gives it back and decoding goes on the same."""
+    """On a CPU the cache starts at 16 rows x 128 positions, grows in those steps as replies need it, and
+    `fits` answers for the cache it would grow to; trim gives it back and decoding goes on the same."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama.path).eval()
@@ -339,9 +338,6 @@ def test_a_cpu_cache_grows_as_replies_need_it_and_says_what_fits_its_budget(tiny
     expected = _greedy_decoder(unbudgeted, ids, 6)
     decoder.prefill([20], [ids])
     assert (decoder.rows, decoder.allocated) == (32, 128), "rows grew to hold slot 20"
-    unbudgeted.prefill([20], [ids])
-    unbudgeted.prefill([40], [ids])
-    assert unbudgeted.rows == 64, "rows at least double (each growth copies the cache), 48 would hold slot 40"
     decoder.prefill([0], [ids + [5] * 300])
     assert (decoder.rows, decoder.allocated) == (32, 384), "length grew in steps of 128"
     decoder.trim()
