@@ -130,8 +130,7 @@ PATHS = {
 }
 
 
-def one_retrain(kind: str, model, cache_dir: Path, recipe, chat_every_s: float | None = None,
-                chats_before: int = 0) -> dict:
+def one_retrain(kind: str, model, cache_dir: Path, recipe, chat_every_s: float | None = None) -> dict:
     import finetune.jobs as jobs
     from bot.engines.local import LocalEngine
     from bot.hardware import cpu_has_fast_bf16
@@ -153,9 +152,6 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe, chat_every_s: float |
     if path["trainer"] == "worker":
         warm = WarmWorkers(prestart=True)  # what `selfcog serve` holds from its start
         out["warm_worker_ready_s"] = worker_is_ready(warm.waiting_pid())
-    if chats_before:  # a server that has been chatting before the trigger, not one that just started
-        engine.generate([[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(chats_before)])
-        out["chats_before"] = chats_before
     try:
         run = store.runs.request("bench", "bench", claim=True)
         clock = StageClock(store, run["id"])
@@ -218,8 +214,6 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(PATHS), help="run only these paths")
     parser.add_argument("--chat-every", type=float, metavar="S",
                         help="a short chat every S seconds during each retrain (its first-token times by stage)")
-    parser.add_argument("--chats-before", type=int, default=0, metavar="N",
-                        help="the engine answers N chats before the trigger, as a server that has been serving")
     parser.add_argument("--as", dest="save_as", metavar="LABEL",
                         help="a variant (e.g. under another environment): store the run as a column headed LABEL")
     parser.add_argument("--fresh-cache", action="store_true",
@@ -248,7 +242,7 @@ def main() -> None:
     kinds = args.only or list(PATHS)
     for kind in kinds:
         print(f"-- {kind}", flush=True)
-        run = one_retrain(kind, model, cache_dir, recipe, args.chat_every, args.chats_before)
+        run = one_retrain(kind, model, cache_dir, recipe, args.chat_every)
         if args.save_as:
             results.setdefault("also", {})[args.save_as] = run
         else:
