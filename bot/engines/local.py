@@ -189,11 +189,11 @@ class LocalEngine:
         weights = weights_for(adapter)
         prompts = [self.encode(self.fit_to_context(c, max_new_tokens)) for c in conversations]
         batch = _Batch(len(prompts), self._text)
-        # All at once, so they are admitted together, and in an order that prefills well: prompts under one
-        # system prompt side by side (each prefill group computes its shared start once, see decoder.py) and
-        # of about one length (a group is padded to its longest). An evaluation's 260 prompts in the order
+        # All at once, so they are admitted together, and in an order that prefills well: prompts with one
+        # system prompt and history side by side (their shared start is computed once, see decoder.py) and
+        # of about one length (a forward is padded to its longest). An evaluation's 260 prompts in the order
         # asked were padded by 26%.
-        order = sorted(range(len(prompts)), key=lambda i: (_system_prompt(conversations[i]), len(prompts[i])))
+        order = sorted(range(len(prompts)), key=lambda i: (_history(conversations[i]), len(prompts[i])))
         self._put([_Sequence(prompts[i], max_new_tokens, weights, on_done=batch.finisher(i)) for i in order])
         return batch.future
 
@@ -353,31 +353,24 @@ class LocalEngine:
             self._weights.follow(wanted)
 
     def _admit(self) -> None:
-        """Prefill the waiting requests the weights in place answer into free slots: oldest first, several a forward."""
-        group: list[_Sequence] = []
+        """Prefill the waiting requests the weights in place answer into free slots: oldest first, in one call."""
         if any(c.when_idle for c in self._controls):
             self._retire_finished()  # the running replies drain; then the control runs
             return
-        longest = max((self._longest(x) for x in [*self._running, *group]), default=0)
+        admitted: list[_Sequence] = []
+        longest = max((self._longest(x) for x in self._running), default=0)
         while self._waiting and self._weights.computes(self._waiting[0].weights):
             s = self._waiting[0]
-            if len(self._running) + len(group) >= self.capacity:
-                break
-            rows, longest_with_s = len(self._running) + len(group) + 1, max(longest, self._longest(s))
-            if rows > 1 and not self._decoder.fits(rows, longest_with_s):
+            rows, longest_with_s = len(self._running) + len(admitted) + 1, max(longest, self._longest(s))
+            if rows > self.capacity or (rows > 1 and not self._decoder.fits(rows, longest_with_s)):
                 break  # it waits for replies to finish; a reply alone always runs
             longest = longest_with_s
-            padded = max(len(x.prompt) for x in [s, *group]) * (len(group) + 1)
-            if group and padded > self._decoder.prefill_tokens:
-                self._prefill(group)
-                group = []
-                continue
             self._waiting.popleft()
             if s.cancelled:
                 self._finish(s)
             else:
-                group.append(s)
-        self._prefill(group)
+                admitted.append(s)
+        self._prefill(admitted)
         self._retire_finished()
 
     def _longest(self, s: _Sequence) -> int:
@@ -394,6 +387,8 @@ class LocalEngine:
                 s.reply.adapter_version = self.adapter_version  # stream() replies always use LIVE
             self._running.append(s)
         try:
+            # room for all of them at their longest now, rather than growing the cache as they go
+            self._decoder.reserve(len(self._running), max(map(self._longest, self._running)))
             logits = self._decoder.prefill(list(range(first_slot, first_slot + len(group))), [s.prompt for s in group])
             for s, token in zip(group, self._pick(logits, group)):
                 s.cache_len = len(s.prompt)
@@ -551,8 +546,9 @@ class _Batch:
         return done
 
 
-def _system_prompt(conversation: Messages) -> str:
-    return conversation[0]["content"] if conversation and conversation[0]["role"] == "system" else ""
+def _history(conversation: Messages) -> tuple[tuple[str, str], ...]:
+    """What comes before the newest message: the system prompt and earlier turns."""
+    return tuple((m["role"], m["content"]) for m in conversation[:-1])
 
 
 def _stop_token_ids(tokenizer, model) -> set[int]:

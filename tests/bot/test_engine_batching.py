@@ -161,6 +161,42 @@ def test_prompts_that_start_alike_share_that_start_and_get_the_same_logits(tiny_
             torch.testing.assert_close(steps[j][slot], after[j], rtol=1e-4, atol=1e-4)
 
 
+def test_a_shared_start_is_computed_once_across_forwards(tiny_llama):
+    """Prompts too many for one forward go through in several; each system prompt's start is computed once
+    (in the first forward that has it) and copied into the rows of the later ones, and every row's logits,
+    at the prefill and the decode steps after it, are what its prompt alone gives."""
+    from transformers import AutoModelForCausalLM
+
+    from bot.engines.decoder import _forwards
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.path).eval()
+    decoder = make_decoder(model, capacity=16, max_len=128)
+    systems = [[1, *range(3000, 3011)], [1, *range(4000, 4015)]]  # 12 and 16 tokens
+    prompts = [system + list(range(500 + i, 503 + 2 * i)) for system in systems for i in range(5)]
+    alone = []
+    for ids in prompts:
+        first = decoder.prefill([0], [ids])[0]
+        alone.append((first, decoder.decode([88], [len(ids)])[0]))
+
+    decoder.prefill_tokens = 60  # a few prompts a forward
+    forwards = _forwards(prompts, decoder.prefill_tokens)
+    assert len(forwards) >= 4 and all(len({prompts[i][1] for i in run}) == 1 for run in forwards), \
+        "a forward holds prompts of one system prompt"
+    computed = []
+    inner = decoder._prefill
+    decoder._prefill = lambda slots, rests, start: computed.append((len(rests), start)) or inner(slots, rests, start)
+    slots = list(range(15, 5, -1))
+    together = decoder.prefill(slots, prompts)
+    steps = decoder.decode([88] * 16, [len(prompts[slots.index(row)]) if row in slots else 0 for row in range(16)])
+    assert sum(1 for _, start in computed if start == 0) == 2, "each system prompt's start computed once"
+    assert all(start >= len(systems[0]) - 1 for n, start in computed if start), computed
+    for i, slot in enumerate(slots):
+        torch.testing.assert_close(together[i], alone[i][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(steps[slot], alone[i][1], rtol=1e-4, atol=1e-4)
+    # prompts with no start in common share forwards as tokens allow
+    assert _forwards([[5, 6], [7, 8, 9], [10]], 512) == [[0, 1, 2]]
+
+
 QUESTIONS = [[{"role": "user", "content": q}] for q in ("Hi", "What is two plus two?", "Name a colour.",
                                                          "Tell me a story about a very long river.", "Ok", "Why?")]
 
@@ -343,6 +379,33 @@ def test_a_cpu_cache_grows_as_replies_need_it_and_says_what_fits_its_budget(tiny
     decoder.trim()
     assert (decoder.rows, decoder.allocated) == (16, 128)
     assert _greedy_decoder(decoder, ids, 6) == expected
+
+
+def test_the_cache_makes_room_when_replies_are_admitted_not_while_they_decode(tiny_engine):
+    """Admitted replies get cache room for their longest possible length at once: growing as they went
+    copied the whole cache again and again (5-6 s of a 260-answer evaluation on a CPU)."""
+    decoder = tiny_engine._decoder
+    grown, where = [], {"now": "admission"}
+    reserve, decode = decoder._reserve, decoder.decode
+
+    def watched_reserve(length, rows):
+        before = (decoder.allocated, decoder.rows)
+        reserve(length, rows)
+        if (decoder.allocated, decoder.rows) != before:
+            grown.append((where["now"], decoder.allocated, decoder.rows))
+
+    def watched_decode(tokens, positions):
+        where["now"] = "decode"
+        try:
+            return decode(tokens, positions)
+        finally:
+            where["now"] = "admission"
+
+    decoder._reserve, decoder.decode = watched_reserve, watched_decode
+    decoder.trim()
+    answers = tiny_engine.generate(QUESTIONS[:4], max_new_tokens=300)
+    assert all(answers) and grown, "300 new tokens need more than the 128 positions a trimmed cache has"
+    assert all(stage == "admission" for stage, *_ in grown), grown
 
 
 @pytest.mark.parametrize("max_new_tokens, most_rows", [(12, 36), (400, 16)])
