@@ -65,7 +65,7 @@ class LlamaDecoder:
         inner = model.model
         self.capacity, self.max_len, self.kv_budget = capacity, max_len, kv_budget
         self.device = next(model.parameters()).device
-        # padded prompt tokens per prefill forward: bounds its activations (a CPU gains nothing from more)
+        # padded prompt tokens per prefill forward: bounds its activations
         self.prefill_tokens = 8192 if self.device.type == "cuda" else 512
         self.dtype = inner.embed_tokens.weight.dtype
         self.n_heads = config.num_attention_heads
