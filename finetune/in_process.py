@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from bot.engines import LentWeights
+from bot.hardware import release_openmp_threads
 from bot.models import ResolvedModel
 from finetune.fused_kernels import compile_for_every_step_size, compiled_layers, fused_kernels
 
@@ -351,4 +352,6 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
         gc.collect()
         if not on_cpu:
             torch.cuda.empty_cache()
+        else:  # this thread's OpenMP workers would slow the engine's evaluation next (bot/hardware.py)
+            release_openmp_threads()
         log.info("training's memory freed in %.2f s", time.perf_counter() - clock)

@@ -68,7 +68,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from bot.engines import (AdapterRef, EngineError, LentWeights, Messages, Reply, Sampling, TrainingPause,  # noqa: E402
                          store_live_adapter)
-from bot.hardware import apply_gpu_memory_cap, cpu_has_fast_bf16, gpu_free_bytes  # noqa: E402
+from bot.hardware import apply_gpu_memory_cap, cpu_has_fast_bf16, gpu_free_bytes, release_openmp_threads  # noqa: E402
 
 from bot.engines.decoder import HFDecoder, has_fast_decoder, kv_bytes_per_position, make_decoder  # noqa: E402
 from bot.engines.sampler import generator_for, pick_tokens  # noqa: E402
@@ -288,7 +288,10 @@ class LocalEngine:
         """One loop turn = one step boundary: take requests, maybe change weights, admit, decode a token."""
         while not self._stopping:
             try:
-                self._collect(wait=not (self._running or self._waiting or self._controls))
+                idle = not (self._running or self._waiting or self._controls)
+                if idle and self.device == "cpu":  # an idle team beside a trainer's slows its every step
+                    release_openmp_threads()  # (bot/hardware.py); nothing to do when none is left
+                self._collect(wait=idle)
                 if not self._running:
                     self._start_next_group()
                 if self._weights.serving == LIVE:

@@ -408,6 +408,66 @@ def test_the_cache_makes_room_when_replies_are_admitted_not_while_they_decode(ti
     assert all(stage == "admission" for stage, *_ in grown), grown
 
 
+def test_an_idle_thread_gives_its_openmp_workers_back():
+    """A thread that ran a parallel torch operator keeps OpenMP workers; release_openmp_threads lets them exit
+    (beside the in-process trainer's, such an idle team made its steps 15-20% slower on 2 cores), and the
+    thread's next operator starts them again."""
+    import os
+    import threading
+
+    from bot.hardware import _torch_openmp, release_openmp_threads
+
+    if _torch_openmp() is None or torch.get_num_threads() < 2:
+        pytest.skip("needs torch's libgomp and two threads")
+    threads = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
+    seen = {}
+
+    def work():
+        a = torch.randn(1024, 1024)
+        a @ a
+        seen["with"] = threads()
+        seen["released"] = release_openmp_threads()
+        deadline = time.monotonic() + 5
+        while threads() > seen["with"] - (torch.get_num_threads() - 1) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["without"] = threads()
+        a @ a
+        seen["again"] = threads()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert seen["released"] and seen["without"] == seen["with"] - (torch.get_num_threads() - 1), seen
+    assert seen["again"] == seen["with"], seen
+
+
+def test_the_engine_worker_gives_its_openmp_workers_back_when_idle(tiny_engine):
+    """Whatever the worker thread last did (replies, or a weights change such as a swap), once idle it holds
+    no OpenMP team: an in-process trainer beside it then runs at full speed."""
+    import os
+
+    from bot.engines import local
+    from bot.hardware import _torch_openmp
+
+    if _torch_openmp() is None or torch.get_num_threads() < 2:
+        pytest.skip("needs torch's libgomp and two threads")
+    threads = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
+
+    def work():  # on the worker thread, as an unmerge would run: its OpenMP team is alive at the end
+        torch.randn(1024, 1024) @ torch.randn(1024, 1024)
+        return threads()
+
+    tiny_engine.generate(QUESTIONS[:2])
+    control = local._Control(work)
+    tiny_engine._put(control)
+    working = control.future.result()
+    released = working - (torch.get_num_threads() - 1)
+    deadline = time.monotonic() + 5
+    while threads() > released and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert threads() == released, "the worker's OpenMP team outlived its work"
+
+
 @pytest.mark.parametrize("max_new_tokens, most_rows", [(12, 36), (400, 16)])
 def test_replies_beyond_the_cache_budget_wait_their_turn_and_answer_the_same(
         max_new_tokens, most_rows, tiny_llama, tiny_engine, monkeypatch):
