@@ -44,11 +44,12 @@ import os
 
 # OpenMP's threads wait for the next parallel region by spinning ~0.1 ms, then sleep (libgomp counts ~100,000
 # spins a millisecond; while the process holds more OpenMP threads than cores, e.g. the engine's beside the
-# in-process trainer's, it spins 1,000 times). Sleeping at once (OMP_WAIT_POLICY=PASSIVE, the setting
-# before) woke the other thread for each of the ~15,000 small operators of a CPU training step: 7 steps
-# took 13.4 s against 10.0 s (finetune/RECIPES.md, "Spinning briefly"). libgomp's own default (~3 ms of spinning) made
-# matrix products 10-40x slower while a trainer process shared the cores (bench/NOTES.md). Either variable
-# set by the user wins. Must be set before torch loads its OpenMP runtime.
+# in-process trainer's, it spins 1,000 times, so the worker thread gives its team back whenever it is idle).
+# Sleeping at once (OMP_WAIT_POLICY=PASSIVE, the setting before) woke the other thread for each of the
+# ~15,000 small operators of a CPU training step: 7 steps took 13.4 s against 10.0 s (finetune/RECIPES.md,
+# "Spinning briefly"). libgomp's own default (~3 ms of spinning) made matrix products 10-40x slower while a
+# trainer process shared the cores (bench/NOTES.md). Either variable set by the user wins. Must be set
+# before torch loads its OpenMP runtime.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="10000")
 
