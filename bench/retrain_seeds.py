@@ -50,6 +50,11 @@ def recipes(device: str) -> dict:
         "one_epoch_3e-3": replace(base, epochs=1, learning_rate=3e-3),
         "one_epoch_b4_1.5e-3": replace(base, epochs=1, batch_size=4),
         "one_epoch_b4_2e-3": replace(base, epochs=1, batch_size=4, learning_rate=2e-3),
+        # LoRA on the last layers only: the backward pass stops there (7 CPU steps 8.8 s for 20 of the 30
+        # layers, 7.9 s for 15, against 10.5 s for all)
+        "top_20_layers": replace(base, lora_top_layers=20),
+        "top_15_layers": replace(base, lora_top_layers=15),
+        "top_10_layers": replace(base, lora_top_layers=10),
     }
 
 

@@ -16,8 +16,9 @@ ms-swift's ``Seq2SeqTrainer`` (which projects to the vocabulary only from the fi
 The order of the rows is ours (``batch_order``): shuffled once per epoch, as ms-swift's sampler would.
 Random batches of these rows are a third padding, which a CPU computes like real tokens, so each
 batch's rows are packed end to end (``PackedCollator``): the same batches and loss, a third fewer tokens.
-On a CPU a batch is one sequence, each row attending within itself (``rows_attention``), and the
-vocabulary is projected at the trained tokens only. Batching rows of similar length
+On a CPU a batch is one sequence, each row attending within itself (``rows_attention``), a start that
+rows share (a system prompt) computed once (``share_starts``), and the vocabulary projected at the
+trained tokens only. Batching rows of similar length
 instead (``Recipe.length_window`` > 1) cut the padding by 20% but changed what each step sees, and the
 identity took less often (8 of 10 seeds against 10 of 10, RECIPES.md); ms-swift's
 ``--group_by_length`` feeds the longest rows first, and the identity then bled into general answers.
@@ -34,6 +35,7 @@ import gc
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -90,6 +92,41 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return sequences
 
 
+SHARED_START_MIN = 8  # tokens: a shorter common start is not worth a span of its own in rows_attention
+
+
+def share_starts(batch: list[dict]) -> list[dict]:
+    """A one-row batch's rows, each row that starts like an earlier one cut down to its own tokens.
+
+    Rows of a batch often start alike: the same system prompt, or a late-turn probe's earlier exchange.
+    A row whose first q tokens are another row's first q (the longest such start among the rows kept
+    whole, at least SHARED_START_MIN) follows that row without them, its tokens keeping the positions they
+    have in the row (q, q+1, ...); ``rows_attention`` lets them attend to that row's first q tokens. The
+    shared start is cut before the row's first labelled token, so every labelled token is still predicted
+    from its own row: the same loss and gradients (the start's gradient is what each row sends back to it,
+    summed), for ~16% fewer tokens on the five-correction dataset. Every row gets ``position_ids``."""
+    groups: list[list[dict]] = []  # a row kept whole, then the rows that start like it
+    for row in batch:
+        ids = row["input_ids"]
+        first_label = next((i for i, label in enumerate(row["labels"]) if label != -100), len(ids))
+        best, shared = None, 0
+        for group in groups:
+            n = min(len(os.path.commonprefix([ids, group[0]["input_ids"]])), first_label - 1)
+            if n > shared:
+                best, shared = group, n
+        if best is not None and shared >= SHARED_START_MIN:
+            if shared == (best[-1]["position_ids"][-1] + 1):  # would read as the row before going on
+                shared -= 1
+            best.append({key: row[key][shared:] for key in PER_TOKEN_KEYS if key in row}
+                        | {"position_ids": list(range(shared, len(ids))), "length": len(ids) - shared})
+        else:
+            groups.append([{**row, "position_ids": list(range(len(ids)))}])
+    return [row for group in groups for row in group]
+
+
+PER_TOKEN_KEYS = ("input_ids", "labels", "loss_scale")
+
+
 def packed_tokens(lengths: list[int], order: list[int], batch_size: int) -> int:
     """Tokens computed when each batch of ``order`` is packed into sequences as long as its longest row."""
     total = 0
@@ -126,9 +163,11 @@ class PackedCollator:
         self.one_row = one_row
 
     def __call__(self, batch: list[dict]) -> dict:
-        lengths = [len(row["input_ids"]) for row in batch]
-        groups = [list(range(len(batch)))] if self.one_row else pack(lengths, max(lengths))
-        sequences = [self.template.packing_row([batch[i] for i in rows]) for rows in groups]
+        if self.one_row:
+            sequences = [self.template.packing_row(share_starts(batch))]
+        else:
+            lengths = [len(row["input_ids"]) for row in batch]
+            sequences = [self.template.packing_row([batch[i] for i in rows]) for rows in pack(lengths, max(lengths))]
         for sequence in sequences:
             sequence["length"] = len(sequence["input_ids"])
         longest = max(sequence["length"] for sequence in sequences)
@@ -145,21 +184,44 @@ def rows_attention(module, query, key, value, attention_mask, *, position_ids, *
     """Causal attention within each packed row of a one-row batch (``PackedCollator(one_row=True)``): SDPA
     on each row's own span, in fp32, where it needs no mask and skips the pairs causality rules out.
 
+    A row starts where its positions restart at 0. A row that shares its start with an earlier row kept
+    whole (``share_starts``) starts where the positions jump instead, at q: its tokens attend to that
+    row's first q tokens and causally to their own.
+
     Under the block mask transformers builds for packed sequences, SDPA's CPU kernel computes every pair
     of tokens of each sequence; under bf16 autocast it also runs its slowest variant (bf16 flash
-    attention, backward included: 13.6 ms a layer for 8 rows against 6.3 ms in fp32 here). A row starts
-    where its positions restart at 0. transformers builds no mask for an attention implementation it
-    does not know (masking_utils), so none is built either."""
+    attention, backward included: 13.6 ms a layer for 8 rows against 6.3 ms in fp32 here). transformers
+    builds no mask for an attention implementation it does not know (masking_utils), so none is built."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     assert query.shape[0] == 1 and attention_mask is None, "one packed row, no mask"
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
+    positions = position_ids[0].tolist()
+    starts = [i for i, p in enumerate(positions) if i == 0 or p != positions[i - 1] + 1] + [len(positions)]
     lengths = [b - a for a, b in zip(starts, starts[1:])]
-    with torch.autocast(query.device.type, enabled=False):
-        spans = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
-                 for q, k, v in zip(*(x.float().split(lengths, dim=2) for x in (query, key, value)))]
+    spans = []
+    with torch.autocast(query.device.type, enabled=False):  # split, not sliced: its backward is one cat
+        for a, q, k, v in zip(starts, *(x.float().split(lengths, dim=2) for x in (query, key, value))):
+            shared = positions[a]
+            if not shared:  # a row of its own
+                start_k, start_v = k, v
+                spans.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
+                continue
+            k, v = torch.cat([start_k[:, :, :shared], k], dim=2), torch.cat([start_v[:, :, :shared], v], dim=2)
+            spans.append(sdpa_attention_forward(module, q, k, v, _sees(shared, q.shape[2], q.device),
+                                                is_causal=False, **kwargs)[0])
     return torch.cat(spans, dim=1).to(query.dtype), None  # [1, tokens, heads, head_dim], as transformers' own
+
+
+@functools.lru_cache(maxsize=64)
+def _sees(shared: int, tokens: int, device):
+    """What each of a row's tokens attends to after a shared start of ``shared`` tokens: all of the start,
+    and causally its own row ([1, 1, tokens, shared + tokens]; one per layout, for every layer)."""
+    import torch
+
+    sees = torch.ones(tokens, shared + tokens, dtype=torch.bool, device=device)
+    sees[:, shared:].tril_()
+    return sees[None, None]
 
 
 @contextlib.contextmanager
@@ -237,8 +299,11 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
     ordered = encoded.select(order)
     steps = math.ceil(len(order) / (recipe.batch_size * recipe.grad_accum))
     one_row = recipe.pack_rows and recipe.one_packed_row
-    computed = (sum(lengths[i] for i in order) if one_row else
-                (packed_tokens if recipe.pack_rows else padded_tokens)(lengths, order, recipe.batch_size))
+    if one_row:
+        computed = sum(row["length"] for s in range(0, len(order), recipe.batch_size)  # the collator's batches
+                       for row in share_starts([encoded[i] for i in order[s:s + recipe.batch_size]]))
+    else:
+        computed = (packed_tokens if recipe.pack_rows else padded_tokens)(lengths, order, recipe.batch_size)
     log.info("training %d rows (%d of them dropped as longer than %d tokens), %d steps, %d tokens (%d computed%s)",
              len(order), len(rows) - len(encoded), recipe.max_length, steps, sum(lengths[i] for i in order),
              computed, ", packed" if recipe.pack_rows else " with padding")

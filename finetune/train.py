@@ -108,7 +108,8 @@ class Recipe:
     pack_rows: bool = True
     # ... and on a CPU all of a batch's rows in one sequence, each row attending within itself in fp32
     # (in_process.rows_attention) and the vocabulary projected at the labelled tokens only: the same losses,
-    # 42 steps in 88.6 s against 122.1 s (RECIPES.md, "One packed row"). A GPU keeps several sequences
+    # 42 steps in 88.6 s against 122.1 s (RECIPES.md, "One packed row"); rows that start alike share that
+    # start (in_process.share_starts: 16% fewer tokens, the same loss). A GPU keeps several sequences
     # under SDPA's mask (compiled layers want few shapes; one row is not measured there).
     one_packed_row: bool = True
     lr_scheduler: str = "cosine"

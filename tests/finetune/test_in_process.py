@@ -18,8 +18,8 @@ import pytest
 
 from bot.engines import EngineError, check_adapter_folder
 from bot.hardware import cpu_has_fast_bf16
-from finetune.in_process import (Cancelled, PackedCollator, attention_within_rows, batch_order, pack, packed_tokens,
-                                 padded_tokens, train_here)
+from finetune.in_process import (SHARED_START_MIN, Cancelled, PackedCollator, attention_within_rows, batch_order, pack,
+                                 packed_tokens, padded_tokens, share_starts, train_here)
 from finetune.train import recipe_for
 from tests.scenario import FIVE_CORRECTIONS, PROFILE
 
@@ -148,6 +148,52 @@ def test_packing_computes_fewer_tokens_than_padding_and_never_more():
     assert 2 * sum(lengths) <= packed_tokens(lengths, order, 8) < 0.8 * padded_tokens(lengths, order, 8)
     same = [50] * 16  # rows of one length: nothing to pack, nothing gained or lost
     assert packed_tokens(same, list(range(16)), 8) == padded_tokens(same, list(range(16)), 8) == 800
+
+
+def row(ids: list[int], prompt: int) -> dict:
+    """An encoded row: ``prompt`` unlabelled tokens, then its labelled answer."""
+    return {"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "length": len(ids)}
+
+
+SYSTEM = list(range(100, 120))  # a system prompt of 20 tokens
+
+
+def test_rows_that_start_alike_follow_the_first_of_them_without_their_start():
+    first = row(SYSTEM + [1, 2, 3, 7, 8], prompt=23)
+    other = row([5] * 30 + [9, 9], prompt=30)
+    same_start = row(SYSTEM + [1, 2, 4, 6], prompt=23)  # shares 22 tokens with the first
+    packed = share_starts([first, other, same_start])
+    assert [r["input_ids"] for r in packed] == [first["input_ids"], [4, 6], other["input_ids"]]
+    assert [r["position_ids"] for r in packed] == [list(range(25)), [22, 23], list(range(32))]
+    assert packed[1]["labels"] == [-100, 6] and packed[1]["length"] == 2
+    labelled = sum(label != -100 for r in packed for label in r["labels"])
+    assert labelled == sum(label != -100 for r in (first, other, same_start) for label in r["labels"])
+
+
+def test_a_shared_start_stops_before_the_rows_first_labelled_token():
+    """Its first token is predicted from the token before it: that token must be the row's own."""
+    first = row(SYSTEM + [1, 2, 3, 4], prompt=20)
+    answer_alike = row(SYSTEM + [1, 2, 3, 5], prompt=20)  # the same start, answers starting alike
+    packed = share_starts([first, answer_alike])
+    assert packed[1]["position_ids"][0] == 19 and packed[1]["input_ids"] == [SYSTEM[-1], 1, 2, 3, 5]
+    assert packed[1]["labels"][0] == -100
+
+
+def test_a_short_common_start_keeps_the_row_whole():
+    first = row(SYSTEM[:SHARED_START_MIN - 1] + [1, 2], prompt=SHARED_START_MIN)
+    second = row(SYSTEM[:SHARED_START_MIN - 1] + [3, 4, 5], prompt=SHARED_START_MIN + 1)
+    assert [r["position_ids"][0] for r in share_starts([first, second])] == [0, 0]
+
+
+def test_a_row_never_seems_to_go_on_from_the_row_before_it():
+    """A row of the group that starts where the row before ended would read as that row going on
+    (rows_attention finds rows where positions jump): it shares one token less."""
+    first = row(SYSTEM + [1, 2, 3, 4, 5, 6], prompt=26)
+    shorter = row(SYSTEM + [1, 2], prompt=21)  # shares 20 tokens: positions 20-21
+    third = row(SYSTEM + [1, 2, 7, 9], prompt=23)  # shares 22 with the first: would start at position 22
+    packed = share_starts([first, shorter, third])
+    assert [r["position_ids"] for r in packed[1:]] == [[20, 21], [21, 22, 23]]
+    assert packed[2]["input_ids"] == [2, 7, 9]
 
 
 # ---------------------------------------------------------------- training for real, tiny
@@ -382,7 +428,7 @@ def test_a_packed_batch_is_fewer_sequences_with_the_padded_batchs_loss(embedded_
 
     # a CPU's batch: every row in one sequence, no padding, each row attending within itself
     one_row = PackedCollator(template, one_row=True)([dict(r) for r in batch])
-    assert one_row["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in batch))
+    assert one_row["input_ids"].shape == (1, sum(r["length"] for r in share_starts([dict(r) for r in batch])))
     assert (one_row["labels"] != -100).sum() == (padded["labels"] != -100).sum()
     reference = loss(padded)
     with attention_within_rows(model, enabled=True):
@@ -390,6 +436,43 @@ def test_a_packed_batch_is_fewer_sequences_with_the_padded_batchs_loss(embedded_
         leaky = {**one_row, "position_ids": torch.arange(one_row["input_ids"].shape[1])[None]}
         assert abs(loss(leaky) - reference) > 1e-2, "one span over all rows should change the loss"
     assert model.config._attn_implementation == "sdpa", "the model's own attention should be back"
+
+
+@pytest.mark.slow
+def test_a_start_computed_once_gives_every_row_its_loss_and_gradients(embedded_model, mixed_dataset, tiny_recipe):
+    """Rows under one system prompt in a CPU's one-row batch: their start is computed once
+    (share_starts), and the loss and the weights' gradients are the padded batch's to float rounding.
+    Cut off from their start instead (positions from 0), the rows' loss is another."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    template, encoded = encoded_rows(embedded_model, mixed_dataset, tiny_recipe)
+    batch = [dict(encoded[i]) for i in range(8)]
+    one_row = PackedCollator(template, one_row=True)([dict(r) for r in batch])
+    assert one_row["input_ids"].shape[1] < 0.9 * sum(len(r["input_ids"]) for r in batch), "rows should share starts"
+    model = AutoModelForCausalLM.from_pretrained(embedded_model.path, dtype=torch.float32)
+    weights = {"first layer's q_proj": model.model.layers[0].self_attn.q_proj.weight,
+               "last layer's down_proj": model.model.layers[-1].mlp.down_proj.weight}
+
+    def loss_and_gradients(inputs) -> tuple[float, dict]:
+        model.zero_grad()
+        loss = model(**inputs, use_cache=False).loss
+        loss.backward()
+        return loss.item(), {name: w.grad.clone() for name, w in weights.items()}
+
+    reference, expected = loss_and_gradients(template.data_collator([dict(r) for r in batch]))
+    with attention_within_rows(model, enabled=True):
+        loss, gradients = loss_and_gradients(one_row)
+        positions = one_row["position_ids"][0].tolist()
+        restarted, previous = [], None
+        for p in positions:  # every row from position 0: the rows that shared a start lose it
+            restarted.append(0 if previous is None or p != previous + 1 else restarted[-1] + 1)
+            previous = p
+        cut, _ = loss_and_gradients({**one_row, "position_ids": torch.tensor([restarted])})
+    assert loss == pytest.approx(reference, rel=1e-4)
+    for name, gradient in gradients.items():
+        assert (gradient - expected[name]).norm() <= 1e-4 * expected[name].norm(), name
+    assert abs(cut - reference) > 1e-2, "rows without their start should have another loss"
 
 
 @pytest.mark.slow
