@@ -182,7 +182,8 @@ ROWS_ATTENTION = "selfcog_rows"  # rows_attention's name in transformers' Attent
 
 def rows_attention(module, query, key, value, attention_mask, *, position_ids, **kwargs):
     """Causal attention within each packed row of a one-row batch (``PackedCollator(one_row=True)``): SDPA
-    on each row's own span, in fp32, where it needs no mask and skips the pairs causality rules out.
+    on each row's own span, in fp32, where a row of its own needs no mask and skips the pairs causality
+    rules out.
 
     A row starts where its positions restart at 0. A row that shares its start with an earlier row kept
     whole (``share_starts``) starts where the positions jump instead, at q: its tokens attend to that
