@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import resource
 import shutil
 import statistics
 import threading
@@ -134,6 +135,7 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe, chat_every_s: float |
     import finetune.jobs as jobs
     from bot.engines.local import LocalEngine
     from bot.hardware import cpu_has_fast_bf16
+    from finetune.in_process import warm_up
     from finetune.train import WarmWorkers, cpu_dtype
 
     path = PATHS[kind]
@@ -152,6 +154,8 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe, chat_every_s: float |
     if path["trainer"] == "worker":
         warm = WarmWorkers(prestart=True)  # what `selfcog serve` holds from its start
         out["warm_worker_ready_s"] = worker_is_ready(warm.waiting_pid())
+    else:
+        warm_up(model, recipe.max_length)  # what `selfcog serve`'s job runner does at its start
     try:
         run = store.runs.request("bench", "bench", claim=True)
         clock = StageClock(store, run["id"])
@@ -159,9 +163,13 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe, chat_every_s: float |
         chats = Chats(engine, clock, chat_every_s) if chat_every_s else None
         if chats:
             chats.start()
+        used = resource.getrusage(resource.RUSAGE_SELF)
         report = jobs.run_retrain(run, store=store, engine=engine, model=model, recipe=recipe, warm=warm,
                                   settings=jobs.JobSettings(data_dir, cache_dir, trainer=path["trainer"]))
         retrain_s = time.perf_counter() - clock.started
+        after = resource.getrusage(resource.RUSAGE_SELF)  # this process's (the worker's is apart)
+        out |= {"system_cpu_s": round(after.ru_stime - used.ru_stime, 1),
+                "page_faults": after.ru_minflt - used.ru_minflt + after.ru_majflt - used.ru_majflt}
         clock.done.set()
         if chats:
             chats.done.set()
@@ -187,8 +195,18 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe, chat_every_s: float |
         reply = engine.stream([{"role": "user", "content": "Who are you?"}], max_new_tokens=24)
         out["answer_after"] = "".join(reply)
         out["answer_adapter"] = reply.adapter_version
+    out["memory_gb"] = process_memory_gb()  # after the retrain, the server idle again
     engine.close()
     return out
+
+
+def process_memory_gb() -> dict:
+    """This process's resident memory now and at its peak (Linux /proc), in GB."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return {}
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    return {name: round(int(fields[key].split()[0]) / 2**20, 2) for name, key in (("now", "VmRSS"), ("peak", "VmHWM"))}
 
 
 def cold_caches(engine, model, cache_dir: Path) -> dict:
@@ -286,6 +304,10 @@ def summary(results: dict) -> list[tuple]:
         ("outcome", *(r.get("status") for r in runs), None, "promoted"),
         ("engine / training dtype", *(f"{r.get('engine_dtype')} / {r.get('train_dtype')}" for r in runs), None, ""),
         ("engine slots", *(r.get("engine_slots") for r in runs), None, ""),
+        ("memory GB after / at peak, this process",
+         *(f"{r['memory_gb']['now']} / {r['memory_gb']['peak']}" if r.get("memory_gb") else None for r in runs), None, ""),
+        ("system CPU s / page faults (millions), this process",
+         *(f"{r['system_cpu_s']} / {r['page_faults'] / 1e6:.1f}" if "page_faults" in r else None for r in runs), None, ""),
         ("run at", *(r.get("date") for r in runs), None, ""),
     ]
     rows += [(f"identity: {way}", *(candidate(r, "identity", way) for r in runs), None,

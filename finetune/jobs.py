@@ -386,7 +386,7 @@ class JobRunner:
         warm = WarmWorkers(prestart=trainer == "worker")
         if trainer == "in-process":
             try:
-                warm_up()
+                warm_up(self.model, (self.recipe or recipe_for(self.model, self.settings.device)).max_length)
             except Exception:  # a retrain will say what is missing; serving must not wait for it
                 log.exception("could not import ms-swift ahead of the first retrain")
         if self.settings.prepare_ahead and not stop.is_set():

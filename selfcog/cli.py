@@ -21,8 +21,13 @@ from pathlib import Path
 import click
 
 from bot.errors import UserError
+from bot.hardware import one_malloc_arena
 from bot.run_summary import duration, summarize
 from selfcog.config import Settings
+
+# Before any thread starts (a progress bar's monitor, the engine's worker, the retrain runner): every thread
+# then allocates from the one heap a CPU engine keeps while it computes (bot/hardware.py, keep_freed_memory).
+one_malloc_arena()
 
 
 class Context:

@@ -180,10 +180,15 @@ class LlamaDecoder:
         self._reserve(max(positions) + 1, n)
         tokens_t = torch.tensor(tokens, device=self.device)
         positions_t = torch.tensor(positions, device=self.device)
-        return self._decode(tokens_t, positions_t, kv_len=max(positions) + 1)[:n].float()
+        return self._decode(tokens_t, positions_t, kv_len=max(positions) + 1,
+                            spans=attention_spans(positions))[:n].float()
 
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """The decode forward on tensors (what the CUDA graphs capture): rows = len(tokens)."""
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                spans: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
+        """The decode forward on tensors (what the CUDA graphs capture): rows = len(tokens).
+
+        spans: (first row, end row, cache length) of row groups that each attend over only as much of the
+        cache as their longest row needs (see attention_spans); None: every row over ``kv_len``."""
         n = tokens.shape[0]
         rows = torch.arange(n, device=self.device)
         groups = self.n_heads // self.n_kv
@@ -201,7 +206,14 @@ class LlamaDecoder:
             # Grouped-query attention without copying K/V: the query heads that share a KV head are
             # laid out as that head's "query positions" (a decode step has one position per row).
             q = q.view(n, self.n_kv, groups, self.head_dim)
-            a = F.scaled_dot_product_attention(q, self.k[i][:n, :, :kv_len], self.v[i][:n, :, :kv_len], attn_mask=mask)
+            if spans is None:
+                a = F.scaled_dot_product_attention(q, self.k[i][:n, :, :kv_len], self.v[i][:n, :, :kv_len],
+                                                   attn_mask=mask)
+            else:
+                a = torch.cat([F.scaled_dot_product_attention(q[r0:r1], self.k[i][r0:r1, :, :length],
+                                                              self.v[i][r0:r1, :, :length],
+                                                              attn_mask=mask[r0:r1, ..., :length])
+                               for r0, r1, length in spans])
             x = x + _linear(a.reshape(n, -1), o_proj)
             h = _rms_norm(x, norm2.weight, self.eps)
             x = x + _linear(F.silu(_linear(h, gate)) * _linear(h, up), down)
@@ -235,12 +247,15 @@ class LlamaDecoder:
         260-answer evaluation, 5-6 s of its ~48 on a CPU."""
         self._reserve(min(length, self.max_len), rows)
 
-    def trim(self) -> None:
-        """Give back what the cache grew to (nothing is running): a CPU starts again at 16 rows x 128."""
+    def trim(self) -> bool:
+        """Give back what the cache grew to (nothing is running): a CPU starts again at 16 rows x 128.
+        Returns whether there was anything to give back."""
         first = (min(self.max_len, self.LENGTH_STEP), min(self.capacity, self.ROW_STEP))
         if self.graphs is None and (self.allocated, self.rows) != first:
             self.k, self.v, self.rows, self.allocated = [], [], 0, 0
             self._reserve(*first)
+            return True
+        return False
 
     def _reserve(self, length: int, rows: int) -> None:
         """Make the cache hold at least ``rows`` slots of ``length`` positions (growing in steps, see above)."""
@@ -276,6 +291,23 @@ class LlamaDecoder:
         """Called after the live weights changed (merge/unmerge): CUDA graphs re-check their pointers."""
         if self.graphs is not None:
             self.graphs.check_weights()
+
+
+# Rows per attention call in a CPU decode step (see attention_spans); None: one call for all rows.
+ATTENTION_ROWS: int | None = 16
+
+
+def attention_spans(positions: list[int]) -> list[tuple[int, int, int]] | None:
+    """Rows 0..n-1 cut into runs of ATTENTION_ROWS, each with the cache length its longest row attends to.
+
+    A decode step's attention reads every row's cache up to the longest row's position: in an evaluation
+    (260 answers, 256 at once) that is three times the positions the rows have, and on a CPU reading them
+    is what attention costs. Runs of 16 consecutive rows (neighbours were admitted together, so their
+    prompts are alike) read 0.54 of it, for 8 calls a layer instead of one."""
+    if ATTENTION_ROWS is None or len(positions) <= ATTENTION_ROWS:
+        return None
+    return [(r0, min(r0 + ATTENTION_ROWS, len(positions)), max(positions[r0:r0 + ATTENTION_ROWS]) + 1)
+            for r0 in range(0, len(positions), ATTENTION_ROWS)]
 
 
 # A shared start shorter than this is computed with the rest: copying cache rows costs more than it saves.
@@ -442,8 +474,8 @@ class HFDecoder:
     def fits(self, rows: int, length: int) -> bool:
         return True  # a cache per reply, as long as the reply: capacity bounds the memory (see the engine)
 
-    def trim(self) -> None:
-        pass
+    def trim(self) -> bool:
+        return False
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.caches[dst] = self.caches.pop(src)

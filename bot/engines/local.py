@@ -53,6 +53,14 @@ import os
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="10000")
 
+from bot.hardware import (apply_gpu_memory_cap, cpu_has_fast_bf16, give_back_freed_memory,  # noqa: E402
+                          gpu_free_bytes, keep_freed_memory, one_malloc_arena, release_openmp_threads)
+
+# One malloc arena for the threads to come (the engine's worker, the retrain runner, the front ends), so
+# that on a CPU the memory a retrain frees is there for the evaluation and the next retrain (see
+# keep_freed_memory, which the engine turns on when it computes on the CPU). Before any other thread starts.
+one_malloc_arena()
+
 import contextlib  # noqa: E402
 import logging  # noqa: E402
 import queue  # noqa: E402
@@ -69,7 +77,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from bot.engines import (AdapterRef, EngineError, LentWeights, Messages, Reply, Sampling, TrainingPause,  # noqa: E402
                          store_live_adapter)
-from bot.hardware import apply_gpu_memory_cap, cpu_has_fast_bf16, gpu_free_bytes, release_openmp_threads  # noqa: E402
 
 from bot.engines.decoder import HFDecoder, has_fast_decoder, kv_bytes_per_position, make_decoder  # noqa: E402
 from bot.engines.sampler import generator_for, pick_tokens  # noqa: E402
@@ -115,6 +122,8 @@ class LocalEngine:
             train_weights == "auto" and self.device.startswith("cuda"))
         self._pause = TrainingPause()  # while a trainer has the weights
         apply_gpu_memory_cap(self.device)
+        if self.device == "cpu":
+            keep_freed_memory()
         started = time.perf_counter()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model.path)
@@ -459,10 +468,13 @@ class LocalEngine:
                 self._decoder.move(len(self._running), i, last.cache_len)
                 self._running[i] = last
         if finished and not self._running and not self._waiting:
-            # On a CPU, what the cache grew to goes back until the next reply. Before the replies are
-            # handed over: a caller that then exits must find this thread idle, not inside torch
-            # (an interpreter exiting under a running torch op aborts the process).
-            self._decoder.trim()
+            # On a CPU, what the cache grew to goes back until the next reply, and with it the memory the
+            # process kept meanwhile (an evaluation's cache, a finished training's tensors): the process
+            # keeps what it frees while it computes (keep_freed_memory), not while it idles. Before the
+            # replies are handed over: a caller that then exits must find this thread idle, not inside
+            # torch (an interpreter exiting under a running torch op aborts the process).
+            if self._decoder.trim() and self.device == "cpu":
+                give_back_freed_memory()
         for s in finished:
             self._finish(s)
 

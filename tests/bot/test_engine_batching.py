@@ -9,6 +9,7 @@ sampling follows transformers' and stays with its own reply.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 
@@ -133,6 +134,30 @@ def test_batched_prefill_and_decode_rows_match_single_rows(tiny_llama):
     decoder.decode([77] * 3, [len(p) for p in prompts])
     decoder.move(2, 0, len(prompts[2]) + 1)
     torch.testing.assert_close(decoder.decode([88], [len(prompts[2]) + 1])[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_attend_in_runs_over_only_the_cache_their_longest_row_needs(tiny_llama, monkeypatch):
+    """A CPU decode step attends in runs of ATTENTION_ROWS rows, each over its own longest row's positions:
+    every row's logits are what one attention call over the whole batch gives."""
+    import bot.engines.decoder as decoder_module
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(decoder_module, "ATTENTION_ROWS", 2)
+    positions = [3, 40, 5, 6, 90, 2, 7]
+    assert decoder_module.attention_spans(positions) == [(0, 2, 41), (2, 4, 7), (4, 6, 91), (6, 7, 8)]
+    assert decoder_module.attention_spans(positions[:2]) is None  # one run: one call, as before
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.path).eval()
+    decoder = make_decoder(model, capacity=8, max_len=128)
+    prompts = [[1] + [100 + i] * length for i, length in enumerate(positions)]
+    tokens = [77] * len(prompts)
+    steps = {}
+    for runs in (2, None):
+        monkeypatch.setattr(decoder_module, "ATTENTION_ROWS", runs)
+        decoder.prefill(list(range(len(prompts))), prompts)
+        steps[runs] = [decoder.decode(tokens, [len(p) + i for p in prompts]) for i in range(3)]
+    for by_runs, whole in zip(steps[2], steps[None]):
+        torch.testing.assert_close(by_runs, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_prompts_that_start_alike_share_that_start_and_get_the_same_logits(tiny_llama):
@@ -439,6 +464,67 @@ def test_an_idle_thread_gives_its_openmp_workers_back():
     worker.join()
     assert seen["released"] and seen["without"] == seen["with"] - (torch.get_num_threads() - 1), seen
     assert seen["again"] == seen["with"], seen
+
+
+def test_a_cpu_engines_process_keeps_the_memory_its_threads_free(tiny_llama):
+    """In a process set up as `selfcog serve` sets it up (a CPU engine, then other threads, as the retrain
+    runner is), a thread that takes and frees tensors step after step (an 80 MB one, as a training step's
+    logits, and a smaller one) soon finds the memory for them still in the process: no page is faulted in
+    again (glibc would have handed each back to the kernel, and on a VM to its host: bot/hardware.py,
+    keep_freed_memory). Once the engine goes idle after its cache grew, the memory goes back.
+    A fresh interpreter: which malloc arena a thread gets depends on the threads that came before."""
+    import platform
+    import subprocess
+    import sys
+    import textwrap
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc settings")
+    script = textwrap.dedent(f"""
+        import json, resource, threading
+        import selfcog.cli  # what `selfcog serve` imports first
+        from bot.engines.local import LocalEngine
+        from bot.models import ResolvedModel
+        import torch
+
+        engine = LocalEngine(ResolvedModel(**{dataclasses.asdict(tiny_llama)!r}), max_new_tokens=4, dtype="fp32",
+                             device="cpu")
+        seen = {{}}
+        resident = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20  # MB
+
+        def steps():
+            in_this_thread = lambda: resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+            faults = []
+            for _ in range(12):
+                before = in_this_thread()
+                logits, other = torch.ones(20 * 2**20), torch.ones(3 * 2**20)
+                del logits, other
+                faults.append(in_this_thread() - before)
+            seen["faults"] = faults
+            seen["kept_mb"] = resident()
+
+        worker = threading.Thread(target=steps)
+        worker.start()
+        worker.join()
+        engine.generate([[{{"role": "user", "content": "hi " * 150}}]])  # grows the cache past 128 positions
+        seen["after_idle_mb"] = resident()
+        engine.close()
+        print(json.dumps(seen))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["faults"][0] > 10000, seen  # the first step's 92 MB are new pages
+    assert sum(seen["faults"][-4:]) < 1000, seen  # without keep_freed_memory: ~11,800 every step
+    assert seen["after_idle_mb"] < seen["kept_mb"] - 50, seen  # given back when the engine went idle
+
+
+def test_malloc_settings_the_user_made_win(monkeypatch):
+    """MALLOC_TRIM_THRESHOLD_ (or any glibc malloc setting in the environment) makes selfcog leave malloc alone."""
+    from bot import hardware
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
+    assert not hardware.keep_freed_memory() and not hardware.one_malloc_arena()
 
 
 def test_the_engine_worker_gives_its_openmp_workers_back_when_idle(tiny_engine):

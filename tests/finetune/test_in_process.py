@@ -691,3 +691,28 @@ def test_preparing_ahead_caches_the_references_and_warms_the_trainer_on_the_serv
         assert all(round(v * probes, 6) == round(v * probes) for v in report.identity.values()), report.identity
     finally:
         engine.close()
+
+
+def test_the_job_runner_builds_the_training_template_before_the_first_retrain(embedded_model, store, data_dir,
+                                                                              cache_dir, tiny_recipe):
+    """ms-swift's template takes ~1-2 s to build on a CPU: the job runner builds it at its start, with its
+    imports, and the first retrain's trainer finds it ready."""
+    from finetune import in_process, jobs
+
+    in_process._template.cache_clear()
+    stop = threading.Event()
+    runner = jobs.JobRunner(jobs.JobSettings(data_dir, cache_dir, trainer="in-process"), store, model=embedded_model,
+                            engine=None, recipe=tiny_recipe, poll_s=0.05)
+    thread = runner.start(stop)
+    try:
+        for _ in range(1200):
+            if in_process._template.cache_info().currsize:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert in_process._template.cache_info().currsize == 1, "no template was built at the runner's start"
+    hits = in_process._template.cache_info().hits
+    in_process._template(embedded_model, tiny_recipe.max_length)  # what train_here asks for first
+    assert in_process._template.cache_info().hits == hits + 1
