@@ -48,9 +48,9 @@ def heap() -> dict:
     chunks = [(int(lo), int(total), int(count))  # every arena's free-chunk histogram
               for lo, total, count in re.findall(r'<size from="(\d+)" to="\d+" total="(\d+)" count="(\d+)"/>', xml)]
     big = [c for c in chunks if c[0] >= 1024]
-    size = sum(int(s) for s in re.findall(r'<system type="current" size="(\d+)"/>', xml)[-1:])  # the total's
+    size = re.findall(r'<system type="current" size="(\d+)"/>', xml)[-1]  # the last is all arenas' total
     return {"free_chunks": sum(c[2] for c in big), "free_gb": round(sum(c[1] for c in big) / 1e9, 2),
-            "heap_gb": round(size / 1e9, 2)}
+            "heap_gb": round(int(size) / 1e9, 2)}
 
 
 def child(seeds: list[int], folder: Path) -> list[dict]:
