@@ -1,17 +1,21 @@
-"""Why a CPU retrain trains slower when it is not the first in its process: the C heap after each training.
+"""Why a CPU retrain trained slower when it was not the first in its process: the C heap after each training.
 
-    python -m bench.cpu_heap                    # seeds 0,2,3 under each malloc policy, ~9 min
-    python -m bench.cpu_heap --seeds 0,0,0      # one seed again and again: sizes repeat, nothing grows
+    python -m bench.cpu_heap                    # seeds 0,2,3 in each variant below, ~11 min
+    python -m bench.cpu_heap --rows unpadded --seeds 0,0,0   # one seed again and again: sizes repeat, nothing grows
 
 The five-correction scenario's dataset for each seed, trained one after the other in one process by
 ``finetune.in_process.train_here`` (the CPU recipe; no evaluation between, no engine serving). After each
 training: its wall and CPU seconds, page faults, and what glibc's ``malloc_info`` says about the heap: how
-many free chunks of 1 KB or more it holds, and its size. Each malloc policy runs in a fresh process of its
-own, one after the other:
+many free chunks of 1 KB or more it holds, and its size. Each variant, a malloc policy and a padding of the
+packed row, runs in a fresh process of its own, one after the other:
 
-- ``kept``: the product's (bot/hardware.py: one arena, no mmap, no trimming while the engine computes);
+- ``kept``: the product's policy (bot/hardware.py: one arena, no mmap, no trimming while the engine computes);
 - ``glibc``: glibc's defaults (the user's own malloc settings win over ours: a ``GLIBC_TUNABLES`` that
-  changes nothing turns them off).
+  changes nothing turns them off);
+- ``padded``: the product's recipe, each step's one packed row padded to a multiple of 64 tokens
+  (``Recipe.packed_row_multiple``): every training's tensors come in the same few sizes;
+- ``unpadded``: the row as long as its rows, as before 2026-12-01: each seed brings sizes of its own, and
+  the heap fragments.
 
 Writes bench/out/cpu_heap.json.
 """
@@ -34,6 +38,8 @@ from bench import common
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = {"kept": {}, "glibc": {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}}  # 7: glibc's default
+ROWS = {"padded": None, "unpadded": 0}  # packed_row_multiple: None = the recipe's own
+VARIANTS = [("kept", "padded"), ("kept", "unpadded"), ("glibc", "unpadded")]  # the default run's
 
 
 def heap() -> dict:
@@ -53,8 +59,10 @@ def heap() -> dict:
             "heap_gb": round(int(size) / 1e9, 2)}
 
 
-def child(seeds: list[int], folder: Path) -> list[dict]:
+def child(seeds: list[int], folder: Path, row_multiple: int | None) -> list[dict]:
     """Train each seed's dataset in this process; the figures after each."""
+    from dataclasses import replace
+
     from bench.retrain_seeds import recipes
     from bot.engines.local import LocalEngine
     from bot.models import resolve_model
@@ -67,6 +75,8 @@ def child(seeds: list[int], folder: Path) -> list[dict]:
     general = jobs.general_answers(engine, model, cache_dir)  # cached on disk after the first run
     engine.close()
     recipe = recipes("cpu")["default"]
+    if row_multiple is not None:
+        recipe = replace(recipe, packed_row_multiple=row_multiple)
     rows = []
     for i, seed in enumerate(seeds):
         store = common.five_correction_store(folder / f"{i}-seed-{seed}")
@@ -84,32 +94,40 @@ def child(seeds: list[int], folder: Path) -> list[dict]:
 
 
 def summary(results: dict) -> list[tuple[str, tuple, list]]:
-    rows = [(policy, r["training"], r["seed"], r["wall_s"], r["user_s"], r["system_s"], r["page_faults"],
-             r["free_chunks"], r["free_gb"], r["heap_gb"])
-            for policy, runs in results["policies"].items() for r in runs]
+    rows = [(run["malloc"], run["rows"], r["training"], r["seed"], r["wall_s"], r["user_s"], r["system_s"],
+             r["page_faults"], r["free_chunks"], r["free_gb"], r["heap_gb"])
+            for run in results["runs"] for r in run["trainings"]]
     return [("trainings one after another in one process (CPU recipe, five-correction datasets)",
-             ("malloc", "training", "seed", "wall s", "user CPU s", "system CPU s", "page faults",
+             ("malloc", "packed row", "training", "seed", "wall s", "user CPU s", "system CPU s", "page faults",
               "free chunks >= 1 KB after", "free GB after", "heap GB after"), rows)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,2,3", help="the datasets' seeds, trained in this order")
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--policies", nargs="+", choices=list(POLICIES), help="malloc policies (default: VARIANTS')")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="paddings of the packed row (default: VARIANTS')")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--row-multiple", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.child:
-        print("ROWS " + json.dumps(child(seeds, Path(args.folder))), flush=True)
+        print("ROWS " + json.dumps(child(seeds, Path(args.folder), args.row_multiple)), flush=True)
         return
-    results = {"machine": common.machine(), "seeds": seeds, "policies": {}}
-    for policy in args.policies:
+    if args.policies or args.rows:  # every combination of what was asked for
+        variants = [(policy, rows) for policy in args.policies or ["kept"] for rows in args.rows or ["padded"]]
+    else:
+        variants = VARIANTS
+    results = {"machine": common.machine(), "seeds": seeds, "runs": []}
+    for policy, rows in variants:
+        multiple = [] if ROWS[rows] is None else ["--row-multiple", str(ROWS[rows])]
         with tempfile.TemporaryDirectory() as folder:
             done = subprocess.run([sys.executable, "-m", "bench.cpu_heap", "--child", "--seeds", args.seeds,
-                                   "--folder", folder], cwd=REPO, env={**os.environ, **POLICIES[policy]},
+                                   "--folder", folder, *multiple], cwd=REPO, env={**os.environ, **POLICIES[policy]},
                                   stdout=subprocess.PIPE, text=True, check=True)
-        results["policies"][policy] = json.loads(done.stdout.rsplit("ROWS ", 1)[1])
+        trainings = json.loads(done.stdout.rsplit("ROWS ", 1)[1])
+        results["runs"].append({"malloc": policy, "rows": rows, "trainings": trainings})
     common.save("cpu_heap", results)
     common.report(summary(results))
 

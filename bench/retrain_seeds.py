@@ -34,6 +34,7 @@ def recipes(device: str) -> dict:
     base = replace(CPU_SMALL, dtype="bfloat16" if device.startswith("cuda") else cpu_dtype())
     return {
         "default": base,  # random batches, packed, 2 epochs at 1.5e-3
+        "unpadded_row": replace(base, packed_row_multiple=0),  # the one packed row as long as its rows (before 12-01)
         "padded": replace(base, pack_rows=False),  # the same batches with their padding (before packing)
         "lr_1e-3": replace(base, learning_rate=1e-3),  # the rate before
         "conditions_2_lr_1e-3": replace(base, learning_rate=1e-3, conditions_per_question=2),

@@ -95,8 +95,8 @@ def keep_freed_memory() -> bool:
     holds on to its peak (the evaluation's KV cache within its budget, a trainer's copy of the weights)
     until the engine goes idle (give_back_freed_memory). Not on a GPU host, where a model's load can pass
     15 GB through host memory once. What this does not help: glibc's heap fragments across trainings whose
-    tensors change size, kept or not, so a later retrain trains slower than the first (finetune/RECIPES.md,
-    "Why a later retrain trains slower"; python -m bench.cpu_heap).
+    tensors change size, kept or not; the CPU recipe pads each step's packed row to a few lengths for that
+    (Recipe.packed_row_multiple; finetune/RECIPES.md, "Why a later retrain trains slower").
     Nothing is changed when the user tunes malloc (USER_MALLOC_SETTINGS)."""
     return (_malloc_settings_are_ours() and _glibc().mallopt(_M_MMAP_MAX, 0) == 1
             and _glibc().mallopt(_M_TRIM_THRESHOLD, -1) == 1)

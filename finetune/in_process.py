@@ -156,7 +156,8 @@ class PackedCollator:
     only the padding is gone.
 
     padding_to: pad the sequences' length up to a multiple of this (compiled layers compile once for each
-    length's alignment otherwise: finetune/fused_kernels.py, compiled_layers)."""
+    length's alignment otherwise: finetune/fused_kernels.py, compiled_layers). In one row the padding is a
+    row of its own (``padding_row``): pad tokens at position 0 would each be a row for rows_attention."""
 
     def __init__(self, template, padding_to: int | None = None, one_row: bool = False):
         self.template = template
@@ -165,17 +166,38 @@ class PackedCollator:
 
     def __call__(self, batch: list[dict]) -> dict:
         if self.one_row:
-            sequences = [self.template.packing_row(share_starts(batch))]
+            rows = share_starts(batch)
+            if self.padding_to:
+                rows += padding_row(-sum(row["length"] for row in rows) % self.padding_to, rows[0], self.template)
+            sequences = [self.template.packing_row(rows)]
         else:
             lengths = [len(row["input_ids"]) for row in batch]
             sequences = [self.template.packing_row([batch[i] for i in rows]) for rows in pack(lengths, max(lengths))]
         for sequence in sequences:
             sequence["length"] = len(sequence["input_ids"])
         longest = max(sequence["length"] for sequence in sequences)
-        padding_to = -(-longest // self.padding_to) * self.padding_to if self.padding_to else None
+        padding_to = -(-longest // self.padding_to) * self.padding_to if self.padding_to and not self.one_row else None
         inputs = self.template.data_collator(sequences, padding_to=padding_to)  # a length, to ms-swift
         inputs.pop("attention_mask", None)  # padding gets position 0: every pad token is a row of its own
         return inputs
+
+
+def padding_row(tokens: int, like: dict, template) -> list[dict]:
+    """A row of ``tokens`` pad tokens to end a one-row batch with (none for 0): positions 0, 1, ... so that
+    rows_attention keeps it to itself, and no labels, so that the loss and every gradient are the same as
+    without it. Why pad at all on a CPU: the same few lengths in every training keep glibc's heap from
+    fragmenting across retrains, where each new length left holes that later tensors search (a server's
+    third retrain trained ~15% slower than its first; finetune/RECIPES.md, "Why a later retrain trains
+    slower")."""
+    if not tokens:
+        return []
+    tokenizer = template.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    row = {"input_ids": [pad_id] * tokens, "labels": [-100] * tokens, "position_ids": list(range(tokens)),
+           "length": tokens}
+    if "loss_scale" in like:  # packing_row joins each key across rows: every row needs the same keys
+        row["loss_scale"] = [0.0] * tokens
+    return [row]
 
 
 ROWS_ATTENTION = "selfcog_rows"  # rows_attention's name in transformers' AttentionInterface
@@ -306,8 +328,10 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
     steps = math.ceil(len(order) / (recipe.batch_size * recipe.grad_accum))
     one_row = recipe.pack_rows and recipe.one_packed_row
     if one_row:
-        computed = sum(row["length"] for s in range(0, len(order), recipe.batch_size)  # the collator's batches
-                       for row in share_starts([encoded[i] for i in order[s:s + recipe.batch_size]]))
+        multiple = recipe.packed_row_multiple or 1
+        batches = [share_starts([encoded[i] for i in order[s:s + recipe.batch_size]])  # as the collator packs them
+                   for s in range(0, len(order), recipe.batch_size)]
+        computed = sum(-(-sum(row["length"] for row in rows) // multiple) * multiple for rows in batches)
     else:
         computed = (packed_tokens if recipe.pack_rows else padded_tokens)(lengths, order, recipe.batch_size)
     log.info("training %d rows (%d of them dropped as longer than %d tokens), %d steps, %d tokens (%d computed%s)",
@@ -369,8 +393,9 @@ def train_here(model: ResolvedModel, dataset_path: str | Path, output_dir: str |
         def _get_data_collator(self, args, template):
             if not recipe.pack_rows:
                 return super()._get_data_collator(args, template)
-            return PackedCollator(template, padding_to=8 if recipe.compiled_layers and not on_cpu else None,
-                                  one_row=one_row)
+            if one_row:
+                return PackedCollator(template, padding_to=recipe.packed_row_multiple or None, one_row=True)
+            return PackedCollator(template, padding_to=8 if recipe.compiled_layers and not on_cpu else None)
 
     args = Seq2SeqTrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=recipe.batch_size,

@@ -435,14 +435,22 @@ def test_a_packed_batch_is_fewer_sequences_with_the_padded_batchs_loss(embedded_
         assert loss(one_row) == pytest.approx(reference, rel=1e-4)
         leaky = {**one_row, "position_ids": torch.arange(one_row["input_ids"].shape[1])[None]}
         assert abs(loss(leaky) - reference) > 1e-2, "one span over all rows should change the loss"
+        # ... and padded to a multiple of 64 (the CPU recipe's): one more row, of pad tokens, changes no loss
+        aligned = PackedCollator(template, padding_to=64, one_row=True)([dict(r) for r in batch])
+        assert one_row["input_ids"].shape[1] % 64, "this batch's length should need padding"
+        assert aligned["input_ids"].shape[1] == -(-one_row["input_ids"].shape[1] // 64) * 64
+        assert aligned["position_ids"][0, one_row["input_ids"].shape[1]:].tolist() == list(
+            range(aligned["input_ids"].shape[1] - one_row["input_ids"].shape[1])), "a row of its own, from 0"
+        assert loss(aligned) == pytest.approx(reference, rel=1e-4)
     assert model.config._attn_implementation == "sdpa", "the model's own attention should be back"
 
 
 @pytest.mark.slow
 def test_a_start_computed_once_gives_every_row_its_loss_and_gradients(embedded_model, mixed_dataset, tiny_recipe):
     """Rows under one system prompt in a CPU's one-row batch: their start is computed once
-    (share_starts), and the loss and the weights' gradients are the padded batch's to float rounding.
-    Cut off from their start instead (positions from 0), the rows' loss is another."""
+    (share_starts), and the loss and the weights' gradients are the padded batch's to float rounding, with
+    the row padded to a multiple of 64 or not. Cut off from their start instead (positions from 0), the
+    rows' loss is another."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -461,7 +469,10 @@ def test_a_start_computed_once_gives_every_row_its_loss_and_gradients(embedded_m
         return loss.item(), {name: w.grad.clone() for name, w in weights.items()}
 
     reference, expected = loss_and_gradients(template.data_collator([dict(r) for r in batch]))
+    aligned = PackedCollator(template, padding_to=64, one_row=True)([dict(r) for r in batch])
+    assert aligned["input_ids"].shape[1] > one_row["input_ids"].shape[1], "this batch should need padding"
     with attention_within_rows(model, enabled=True):
+        aligned_loss, aligned_gradients = loss_and_gradients(aligned)
         loss, gradients = loss_and_gradients(one_row)
         positions = one_row["position_ids"][0].tolist()
         restarted, previous = [], None
@@ -469,9 +480,10 @@ def test_a_start_computed_once_gives_every_row_its_loss_and_gradients(embedded_m
             restarted.append(0 if previous is None or p != previous + 1 else restarted[-1] + 1)
             previous = p
         cut, _ = loss_and_gradients({**one_row, "position_ids": torch.tensor([restarted])})
-    assert loss == pytest.approx(reference, rel=1e-4)
+    assert loss == pytest.approx(reference, rel=1e-4) and aligned_loss == pytest.approx(reference, rel=1e-4)
     for name, gradient in gradients.items():
         assert (gradient - expected[name]).norm() <= 1e-4 * expected[name].norm(), name
+        assert (aligned_gradients[name] - expected[name]).norm() <= 1e-4 * expected[name].norm(), name
     assert abs(cut - reference) > 1e-2, "rows without their start should have another loss"
 
 
