@@ -147,17 +147,18 @@ class PackedCollator:
     ms-swift's trainer sets). ms-swift's own ``padding_free`` packs a whole batch into one row and asks for
     flash attention.
 
-    one_row=True (a CPU): the whole batch in one sequence, no padding at all, for ``rows_attention`` to
-    attend within each row: a CPU has no flash attention, and SDPA under a mask computes every pair of
-    tokens of a sequence. One row also lets ms-swift project to the vocabulary at the labelled tokens
+    one_row=True (a CPU): the whole batch in one sequence (no padding but up to padding_to), for
+    ``rows_attention`` to attend within each row: a CPU has no flash attention, and SDPA under a mask
+    computes every pair of tokens of a sequence. One row also lets ms-swift project to the vocabulary at the labelled tokens
     only (prepare_logits_to_keep); with several it projects from the first labelled token of any of them on.
 
     Either way the loss is over the same labelled tokens as the padded batch, so the step is the same;
     only the padding is gone.
 
     padding_to: pad the sequences' length up to a multiple of this (compiled layers compile once for each
-    length's alignment otherwise: finetune/fused_kernels.py, compiled_layers). In one row the padding is a
-    row of its own (``padding_row``): pad tokens at position 0 would each be a row for rows_attention."""
+    length's alignment otherwise: finetune/fused_kernels.py, compiled_layers; a CPU's glibc heap fragments
+    on lengths that change: Recipe.packed_row_multiple). In one row the padding is a row of its own
+    (``padding_row``): pad tokens at position 0 would each be a row for rows_attention."""
 
     def __init__(self, template, padding_to: int | None = None, one_row: bool = False):
         self.template = template
