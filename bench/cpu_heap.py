@@ -38,7 +38,7 @@ from bench import common
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = {"kept": {}, "glibc": {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}}  # 7: glibc's default
-ROWS = {"padded": None, "unpadded": 0}  # packed_row_multiple: None = the recipe's own
+ROWS = {"padded": "default", "unpadded": "unpadded_row"}  # bench.retrain_seeds' recipes
 VARIANTS = [("kept", "padded"), ("kept", "unpadded"), ("glibc", "unpadded")]  # the default run's
 
 
@@ -59,10 +59,8 @@ def heap() -> dict:
             "heap_gb": round(int(size) / 1e9, 2)}
 
 
-def child(seeds: list[int], folder: Path, row_multiple: int | None) -> list[dict]:
+def child(seeds: list[int], folder: Path, recipe_name: str) -> list[dict]:
     """Train each seed's dataset in this process; the figures after each."""
-    from dataclasses import replace
-
     from bench.retrain_seeds import recipes
     from bot.engines.local import LocalEngine
     from bot.models import resolve_model
@@ -74,9 +72,7 @@ def child(seeds: list[int], folder: Path, row_multiple: int | None) -> list[dict
     engine = LocalEngine(model, device="cpu", max_new_tokens=64)  # sets the process's malloc policy, as serving does
     general = jobs.general_answers(engine, model, cache_dir)  # cached on disk after the first run
     engine.close()
-    recipe = recipes("cpu")["default"]
-    if row_multiple is not None:
-        recipe = replace(recipe, packed_row_multiple=row_multiple)
+    recipe = recipes("cpu")[recipe_name]
     rows = []
     for i, seed in enumerate(seeds):
         store = common.five_correction_store(folder / f"{i}-seed-{seed}")
@@ -108,12 +104,12 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", choices=list(POLICIES), help="malloc policies (default: VARIANTS')")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="paddings of the packed row (default: VARIANTS')")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--row-multiple", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.child:
-        print("ROWS " + json.dumps(child(seeds, Path(args.folder), args.row_multiple)), flush=True)
+        print("ROWS " + json.dumps(child(seeds, Path(args.folder), args.recipe)), flush=True)
         return
     if args.policies or args.rows:  # every combination of what was asked for
         variants = [(policy, rows) for policy in args.policies or ["kept"] for rows in args.rows or ["padded"]]
@@ -121,10 +117,9 @@ def main() -> None:
         variants = VARIANTS
     results = {"machine": common.machine(), "seeds": seeds, "runs": []}
     for policy, rows in variants:
-        multiple = [] if ROWS[rows] is None else ["--row-multiple", str(ROWS[rows])]
         with tempfile.TemporaryDirectory() as folder:
             done = subprocess.run([sys.executable, "-m", "bench.cpu_heap", "--child", "--seeds", args.seeds,
-                                   "--folder", folder, *multiple], cwd=REPO, env={**os.environ, **POLICIES[policy]},
+                                   "--folder", folder, "--recipe", ROWS[rows]], cwd=REPO, env={**os.environ, **POLICIES[policy]},
                                   stdout=subprocess.PIPE, text=True, check=True)
         trainings = json.loads(done.stdout.rsplit("ROWS ", 1)[1])
         results["runs"].append({"malloc": policy, "rows": rows, "trainings": trainings})

@@ -113,10 +113,10 @@ class Recipe:
     # under SDPA's mask (compiled layers want few shapes; one row is not measured there).
     one_packed_row: bool = True
     # ... that one row padded to a multiple of this many tokens (0: not padded), by a row of pad tokens
-    # that attends only to itself and has no labels: the same loss and gradients, ~3% more tokens. With
+    # that attends only to itself and has no labels: the same loss and gradients, 5-7% more tokens. With
     # few distinct lengths glibc's heap stops fragmenting across a server's retrains: seeds 0, 2, 3 one
-    # after another trained in 64.5, 66.8, 67.2 s against 66.1, 73.9, 75.8 s unpadded (RECIPES.md, "Why a
-    # later retrain trains slower").
+    # after another trained in 64.5, 66.8, 67.2 s against 66.1, 73.9, 75.8 s unpadded (RECIPES.md, "The
+    # packed row padded to a multiple of 64 tokens").
     packed_row_multiple: int = 64
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.0
