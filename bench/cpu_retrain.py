@@ -14,8 +14,10 @@ they cost the first time is reported too).
   rate of then, 1e-3; the engine and training compute in fp32;
 - in-process (what `auto` does on a CPU without bf16 instructions): ms-swift's trainer in the serving
   process on its own copy of the weights, each batch's rows packed, the recipe's 1.5e-3, fp32;
-- in-process-bf16-training: the same with bf16 autocast in training and the engine in fp32: what `auto`
-  does on a CPU with bf16 instructions (avx512_bf16, amx_bf16);
+- in-process-bf16-training: the same with bf16 autocast in training, the engine serving and evaluating in
+  fp32: what `auto` did on a CPU with bf16 instructions (avx512_bf16, amx_bf16) until 2026-12-01;
+- in-process-bf16-eval: the same, the evaluation's matrix products in bf16 (the engine still serves fp32):
+  what `auto` does there now;
 - in-process-bf16: bf16 autocast in training and a bf16 engine (an option, not the default).
 RECIPES.md ("In-process training") has the seeds behind the choice.
 
@@ -112,21 +114,29 @@ PATHS = {
     # what landed before issue 14: a warm worker process (ms-swift's `swift sft`, padded random batches),
     # the recipe's rate then (1e-3), every model computation in fp32
     "worker": {"trainer": "worker", "engine_dtype": "fp32", "train_dtype": "float32", "learning_rate": 1e-3,
+               "eval_dtype": "fp32",
                "label": "worker, padded, lr 1e-3, fp32 (before)"},
     # the default now on CPUs without bf16 instructions: ms-swift's trainer in the serving process on a copy of the weights, each batch's rows
     # packed, the recipe's rate (1.5e-3), fp32; the engine decodes up to 256 replies at once
-    "in-process": {"trainer": "in-process", "engine_dtype": "fp32", "train_dtype": "float32",
+    "in-process": {"trainer": "in-process", "engine_dtype": "fp32", "train_dtype": "float32", "eval_dtype": "fp32",
                    "label": "in process, packed, fp32 (now, CPUs without bf16)"},
     # the same with the engine's slots of before (64): what the evaluation gains from 256
     "in-process-64-slots": {"trainer": "in-process", "engine_dtype": "fp32", "train_dtype": "float32", "slots": 64,
+                            "eval_dtype": "fp32",
                             "label": "in process, packed, fp32, 64 slots"},
     # the same with bf16 autocast in training only (the fp32 weights' matmuls in bf16; LoRA, norms, loss and the
     # optimizer in fp32) and the engine in fp32, as it writes the replay rows and evaluates
     "in-process-bf16-training": {"trainer": "in-process", "engine_dtype": "fp32", "train_dtype": "bfloat16",
-                                 "label": "in process, packed, bf16 training, fp32 engine (now, CPUs with bf16)"},
+                                 "eval_dtype": "fp32",
+                                 "label": "in process, packed, bf16 training, fp32 evaluation (before, CPUs with bf16)"},
+    # the same with the evaluation's matrix products in bf16 too (SELFCOG_EVAL_DTYPE's auto there); the engine
+    # still serves chats and writes the replay rows in fp32
+    "in-process-bf16-eval": {"trainer": "in-process", "engine_dtype": "fp32", "train_dtype": "bfloat16",
+                             "eval_dtype": "bf16",
+                             "label": "in process, packed, bf16 training and evaluation (now, CPUs with bf16)"},
     # the same with bf16 autocast in training and a bf16 engine (SELFCOG_DTYPE=bf16,
     # SELFCOG_TRAIN_DTYPE=bfloat16) where the CPU has bf16 instructions: faster, quality unmeasured over seeds
-    "in-process-bf16": {"trainer": "in-process", "engine_dtype": "bf16", "train_dtype": "bfloat16",
+    "in-process-bf16": {"trainer": "in-process", "engine_dtype": "bf16", "train_dtype": "bfloat16", "eval_dtype": "bf16",
                         "label": "in process, packed, bf16"},
 }
 
@@ -145,8 +155,9 @@ def one_retrain(kind: str, model, cache_dir: Path, recipe, chat_every_s: float |
     store = common.five_correction_store(data_dir)
 
     engine = LocalEngine(model, active_adapter=store.adapters.active, max_new_tokens=64, dtype=path["engine_dtype"],
-                         batch_size=path.get("slots"))
-    out = {"engine_slots": engine.capacity, "engine_dtype": engine.precision, "train_dtype": recipe.dtype,
+                         batch_size=path.get("slots"), eval_dtype=path["eval_dtype"])
+    out = {"engine_slots": engine.capacity, "engine_dtype": engine.precision, "eval_dtype": engine.eval_precision,
+           "train_dtype": recipe.dtype,
            "date": common.machine()["date"], "cpu_has_bf16": cpu_has_fast_bf16()}
     out["caches"] = cold_caches(engine, model, cache_dir)  # what a running server has computed once already
     cached = set((cache_dir / "eval").glob("*.json"))  # the candidate's evaluation is removed after the run
@@ -217,7 +228,8 @@ def cold_caches(engine, model, cache_dir: Path) -> dict:
 
     out = {}
     started = time.perf_counter()
-    general = jobs.general_answers(engine, model, cache_dir)
+    jobs.general_answers(engine, model, cache_dir)  # the replay rows
+    general = jobs.general_answers(engine, model, cache_dir, evaluation=True)  # the same where it evaluates as it serves
     out["general_answers_s"] = time.perf_counter() - started
     started = time.perf_counter()
     jobs.evaluate_weights(engine, AdapterRef.BASE, Profile(**PROFILE), general, cache_dir=cache_dir,
@@ -276,9 +288,9 @@ def summary(results: dict) -> list[tuple]:
     also = results.get("also") or {}
     labels = [PATHS[kind]["label"] for kind in kinds] + list(also)
     runs += list(also.values())
-    # "now" is what `auto` trains with on the machine that ran it: bf16 training where the CPU has bf16
-    bf16_default = results.get("in-process-bf16-training", {}).get("cpu_has_bf16")
-    now_kind = "in-process-bf16-training" if bf16_default else "in-process"
+    # "now" is what `auto` does on the machine that ran it: bf16 training and evaluation where the CPU has bf16
+    bf16_default = any(results.get(kind, {}).get("cpu_has_bf16") for kind in kinds)
+    now_kind = "in-process-bf16-eval" if bf16_default else "in-process"
     before, now = results.get("worker", {}), results.get(now_kind, {})
 
     def phase(r, name):
@@ -302,7 +314,9 @@ def summary(results: dict) -> list[tuple]:
         ("trigger -> live s", *(r.get("retrain_s") for r in runs),
          common.ratio(now.get("retrain_s"), before.get("retrain_s"), True), "<= 120"),
         ("outcome", *(r.get("status") for r in runs), None, "promoted"),
-        ("engine / training dtype", *(f"{r.get('engine_dtype')} / {r.get('train_dtype')}" for r in runs), None, ""),
+        ("engine / evaluation / training dtype",
+         *(f"{r.get('engine_dtype')} / {r.get('eval_dtype', r.get('engine_dtype'))} / {r.get('train_dtype')}"
+           for r in runs), None, ""),
         ("engine slots", *(r.get("engine_slots") for r in runs), None, ""),
         ("memory GB after / at peak, this process",
          *(f"{r['memory_gb']['now']} / {r['memory_gb']['peak']}" if r.get("memory_gb") else None for r in runs), None, ""),

@@ -110,6 +110,7 @@ def one_seed(engine, model, cache_dir: Path, recipe, seed: int, folder: Path, ho
     return {"seed": seed, "scenario": scenario, **extra, "status": report["status"], "wall_s": round(wall, 1),
             "phases": report.get("phases"), "candidate": (report.get("metrics") or {}).get("candidate"),
             "base": (report.get("metrics") or {}).get("base"), "verdict": report.get("verdict") or report.get("reason"),
+            "eval_precision": report.get("eval_precision"), "first_look": report.get("first_look"),
             "adapter_version": engine.adapter_version}
 
 
@@ -120,6 +121,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--engine-dtype", default="auto", choices=["auto", "fp32", "bf16"],
                         help="the engine's precision (it writes the replay rows and evaluates; on a GPU it is the training's too)")
+    parser.add_argument("--eval-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="what the evaluation's matrix products compute in (SELFCOG_EVAL_DTYPE)")
     parser.add_argument("--trainer", default="auto", choices=["auto", "in-process", "worker"])
     parser.add_argument("--train-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="the training's precision; auto: the engine's on a GPU (its lent weights), the "
@@ -137,7 +140,7 @@ def main() -> None:
     model = resolve_model("embedded", cache_dir)
     holder: dict = {}
     engine = LocalEngine(model, device=args.device, max_new_tokens=64, dtype=args.engine_dtype,
-                         active_adapter=lambda: holder["store"].adapters.active() if "store" in holder else None)
+                         eval_dtype=args.eval_dtype, active_adapter=lambda: holder["store"].adapters.active() if "store" in holder else None)
     out = common.OUT / f"retrain_seeds-{args.device.split(':')[0]}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     table = []

@@ -8,6 +8,7 @@
 | SELFCOG_MODEL                    | embedded    | 'embedded' (SmolLM2-135M-Instruct), a local HF folder or hub id |
 | SELFCOG_DEVICE                   | auto        | cuda when present, else cpu                                 |
 | SELFCOG_DTYPE                    | auto        | the engine's weights: bf16 on a GPU, fp32 on a CPU; bf16 / fp32 / fp16 asks |
+| SELFCOG_EVAL_DTYPE               | auto        | an evaluation's matrix products: bf16 on a CPU with bf16 instructions, else as served |
 | SELFCOG_HOST / SELFCOG_PORT      | 127.0.0.1 / 7860 | where the web page listens                             |
 | SELFCOG_ADMIN_PASSWORD           | (unset)     | admin page password; unset = a one-time token printed at start |
 | TELEGRAM_BOT_TOKEN               | (unset)     | runs the Telegram bot when set                              |
@@ -74,6 +75,7 @@ class Settings:
     model: str = "embedded"
     device: str = "auto"
     dtype: str = "auto"
+    eval_dtype: str = "auto"
     host: str = "127.0.0.1"
     port: int = 7860
     admin_password: str | None = None
@@ -112,6 +114,8 @@ class Settings:
             device=get("SELFCOG_DEVICE", "auto"),
             dtype=_parse(env, "SELFCOG_DTYPE", "auto", str.lower, "auto, bf16, fp16 or fp32",
                          lambda v: v in ("auto", "bf16", "fp16", "fp32")),
+            eval_dtype=_parse(env, "SELFCOG_EVAL_DTYPE", "auto", str.lower, "auto, bf16, fp16 or fp32",
+                              lambda v: v in ("auto", "bf16", "fp16", "fp32")),
             host=get("SELFCOG_HOST", "127.0.0.1"),
             port=whole("SELFCOG_PORT", "7860", 1, 65535),
             admin_password=get("SELFCOG_ADMIN_PASSWORD") or None,

@@ -170,8 +170,10 @@ class Engine(Protocol):
         """Start one reply with the live adapter; iterate the Reply for its text. sampling None = greedy."""
 
     def generate(self, conversations: list[Messages], *, adapter: str | Path = AdapterRef.ACTIVE,
-                 max_new_tokens: int | None = None) -> list[str]:
-        """Greedy answers to many conversations at once, with the live adapter, the base or a candidate folder."""
+                 max_new_tokens: int | None = None, evaluation: bool = False) -> list[str]:
+        """Greedy answers to many conversations at once, with the live adapter, the base or a candidate folder.
+        evaluation: answers only to be scored, which an engine may compute in a faster precision of its own
+        (``eval_precision``, where it has one: the local engine on a CPU with bf16 instructions)."""
 
     def refresh_adapter(self) -> int | None:
         """Serve the store's active adapter now (not at the next poll); returns the live version."""
@@ -211,7 +213,8 @@ def make_engine(settings, model, *, active_adapter: Callable[[], dict | None] | 
         from bot.engines.local import LocalEngine
 
         return LocalEngine(model, active_adapter=active_adapter, device=settings.device, dtype=settings.dtype,
-                           max_new_tokens=settings.max_new_tokens, train_weights=settings.train_weights)
+                           max_new_tokens=settings.max_new_tokens, train_weights=settings.train_weights,
+                           eval_dtype=settings.eval_dtype)
     if backend == "vllm":  # a vLLM server selfcog starts on loopback and looks after
         from bot.engines.openai import managed_vllm
 

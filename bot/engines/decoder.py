@@ -68,6 +68,8 @@ class LlamaDecoder:
         # padded prompt tokens per prefill forward: bounds its activations
         self.prefill_tokens = 8192 if self.device.type == "cuda" else 512
         self.dtype = inner.embed_tokens.weight.dtype
+        self.matmul_dtype = self.dtype  # what the matrix products compute in: see compute_in
+        self._copies: dict[int, torch.Tensor] = {}  # weights cast to matmul_dtype when it is not the model's
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
@@ -155,9 +157,9 @@ class LlamaDecoder:
         mask = None if start == 0 else torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
         for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, down) in enumerate(self.layers):
             h = _rms_norm(x, norm1.weight, self.eps)
-            q = _linear(h, q_proj).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-            k = _linear(h, k_proj).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
-            v = _linear(h, v_proj).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+            q = self._linear(h, q_proj).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+            k = self._linear(h, k_proj).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+            v = self._linear(h, v_proj).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             self.k[i][rows, :, start:start + n] = k
             self.v[i][rows, :, start:start + n] = v
@@ -165,11 +167,11 @@ class LlamaDecoder:
                 k, v = self.k[i][rows, :, :start + n], self.v[i][rows, :, :start + n]
             a = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
                                                attn_mask=mask, is_causal=mask is None)
-            x = x + _linear(a.transpose(1, 2).reshape(b, n, -1), o_proj)
+            x = x + self._linear(a.transpose(1, 2).reshape(b, n, -1), o_proj)
             h = _rms_norm(x, norm2.weight, self.eps)
-            x = x + _linear(F.silu(_linear(h, gate)) * _linear(h, up), down)
+            x = x + self._linear(F.silu(self._linear(h, gate)) * self._linear(h, up), down)
         last = x[torch.arange(b, device=self.device), torch.tensor([len(p) - 1 for p in prompts], device=self.device)]
-        return _linear(_rms_norm(last, self.final_norm.weight, self.eps), self.lm_head).float()
+        return self._linear(_rms_norm(last, self.final_norm.weight, self.eps), self.lm_head).float()
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
@@ -198,9 +200,9 @@ class LlamaDecoder:
         x = self.embed(tokens)  # [n, hidden]
         for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, down) in enumerate(self.layers):
             h = _rms_norm(x, norm1.weight, self.eps)
-            q = _rope(_linear(h, q_proj).view(n, self.n_heads, self.head_dim), cos, sin)
-            k = _rope(_linear(h, k_proj).view(n, self.n_kv, self.head_dim), cos, sin)
-            v = _linear(h, v_proj).view(n, self.n_kv, self.head_dim)
+            q = _rope(self._linear(h, q_proj).view(n, self.n_heads, self.head_dim), cos, sin)
+            k = _rope(self._linear(h, k_proj).view(n, self.n_kv, self.head_dim), cos, sin)
+            v = self._linear(h, v_proj).view(n, self.n_kv, self.head_dim)
             self.k[i][rows, :, positions] = k
             self.v[i][rows, :, positions] = v
             # Grouped-query attention without copying K/V: the query heads that share a KV head are
@@ -214,10 +216,37 @@ class LlamaDecoder:
                                                               self.v[i][r0:r1, :, :length],
                                                               attn_mask=mask[r0:r1, ..., :length])
                                for r0, r1, length in spans])
-            x = x + _linear(a.reshape(n, -1), o_proj)
+            x = x + self._linear(a.reshape(n, -1), o_proj)
             h = _rms_norm(x, norm2.weight, self.eps)
-            x = x + _linear(F.silu(_linear(h, gate)) * _linear(h, up), down)
-        return _linear(_rms_norm(x, self.final_norm.weight, self.eps), self.lm_head)
+            x = x + self._linear(F.silu(self._linear(h, gate)) * self._linear(h, up), down)
+        return self._linear(_rms_norm(x, self.final_norm.weight, self.eps), self.lm_head)
+
+    # --- the precision of the matrix products --------------------------------------------------
+    def compute_in(self, dtype: torch.dtype) -> None:
+        """Compute the matrix products of the next steps in ``dtype``, as autocast would: their inputs cast to
+        it, their outputs back; norms, attention, the residual stream and the cache stay in the model's dtype.
+        Call between steps. In another dtype than the model's, the products read copies of the weights, cast
+        at the first step after each change of the weights (a bf16 evaluation on a CPU engine serving fp32:
+        LocalEngine.eval_precision)."""
+        if dtype == self.matmul_dtype:
+            return
+        if self.graphs is not None:
+            raise ValueError("a decoder replaying CUDA graphs computes in the model's dtype only")
+        self.matmul_dtype = dtype
+        self._copies = {}
+
+    def _linear(self, x: torch.Tensor, module) -> torch.Tensor:
+        if self.matmul_dtype == x.dtype:
+            return F.linear(x, module.weight, module.bias)
+        weight = self._cast(module.weight)
+        bias = None if module.bias is None else self._cast(module.bias)
+        return F.linear(x.to(self.matmul_dtype), weight, bias).to(x.dtype)
+
+    def _cast(self, weight: torch.Tensor) -> torch.Tensor:
+        copy = self._copies.get(id(weight))
+        if copy is None:  # a tied weight (SmolLM2's embedding is its lm_head) is cast once
+            copy = self._copies[id(weight)] = weight.to(self.matmul_dtype)
+        return copy
 
     # --- cache bookkeeping ----------------------------------------------------------------------
     # On a CPU the cache grows in steps of ROW_STEP rows and LENGTH_STEP positions, so that `fits` knows
@@ -288,7 +317,9 @@ class LlamaDecoder:
         """Slot no longer used (nothing to free: rows are preallocated)."""
 
     def weights_changed(self) -> None:
-        """Called after the live weights changed (merge/unmerge): CUDA graphs re-check their pointers."""
+        """Called after the weights changed (merge/unmerge): copies in another dtype are cast again, and
+        CUDA graphs re-check their pointers."""
+        self._copies = {}
         if self.graphs is not None:
             self.graphs.check_weights()
 
@@ -360,10 +391,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
-
-
-def _linear(x: torch.Tensor, module) -> torch.Tensor:
-    return F.linear(x, module.weight, module.bias)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -443,6 +470,7 @@ class HFDecoder:
         self.model, self.capacity, self.max_len = model, capacity, max_len
         self.prefill_tokens = 0  # one prompt per forward anyway
         self.device = next(model.parameters()).device
+        self.matmul_dtype = next(model.parameters()).dtype
         self.caches: dict[int, object] = {}
 
     @torch.inference_mode()
@@ -482,6 +510,10 @@ class HFDecoder:
 
     def release(self, slot: int) -> None:
         self.caches.pop(slot, None)
+
+    def compute_in(self, dtype: torch.dtype) -> None:
+        if dtype != self.matmul_dtype:
+            raise ValueError("transformers' forward computes in the model's dtype only")
 
     def weights_changed(self) -> None:
         pass

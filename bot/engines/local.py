@@ -15,9 +15,11 @@ All model work happens on the worker thread, which runs the scheduler:
   one's next token by its own settings (bot/engines/sampler.py). A new chat joins at the next step
   boundary instead of waiting for the replies already running to finish.
 - All sequences in a step share one set of weights (bot/engines/weights.py): LIVE, BASE or a
-  candidate folder. A request for other weights waits until the running ones drain, then the weights
-  change and its group runs; requests behind it wait for it (first come, first served, so neither
-  chat nor evaluation can starve the other).
+  candidate folder, and one precision: an evaluation's (``generate(evaluation=True)``) may compute its
+  matrix products in bf16 where chats are served in fp32 (``eval_precision``). A request for other
+  weights or another precision waits until the running ones drain, then the weights change and its
+  group runs; requests behind it wait for it (first come, first served, so neither chat nor evaluation
+  can starve the other).
 - While LIVE is in place the store's active adapter (``active_adapter()``) is read every ``poll_s``
   seconds, busy or idle, before admitting into an idle engine, and at once on ``refresh_adapter()``.
   A new adapter is swapped in at a step boundary without reloading the base. Replies running at that
@@ -78,7 +80,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from bot.engines import (AdapterRef, EngineError, LentWeights, Messages, Reply, Sampling, TrainingPause,  # noqa: E402
                          store_live_adapter)
 
-from bot.engines.decoder import HFDecoder, has_fast_decoder, kv_bytes_per_position, make_decoder  # noqa: E402
+from bot.engines.decoder import (HFDecoder, LlamaDecoder, has_fast_decoder, kv_bytes_per_position,  # noqa: E402
+                                 make_decoder)
 from bot.engines.sampler import generator_for, pick_tokens  # noqa: E402
 from bot.engines.weights import LIVE, AdapterWeights, Weights, weights_for  # noqa: E402
 from bot.models import ModelNotFound, ResolvedModel  # noqa: E402
@@ -86,11 +89,12 @@ from bot.models import ModelNotFound, ResolvedModel  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-# bf16 serving on a CPU with bf16 instructions evaluates 1.7x faster (260 answers: 38 s instead of 66 s, AMD
-# EPYC, 2 cores) and scores an adapter alike (tests/finetune/test_bf16.py), but the base's bf16 answers become
-# the replay rows, and a retrain on them was refused for lost facts (12/15 against the base's 15, dataset seed 2;
+# bf16 serving on a CPU with bf16 instructions decodes faster, but the base's bf16 answers become the replay
+# rows, and a retrain on them was refused for lost facts (12/15 against the base's 15, dataset seed 2;
 # RECIPES.md, "In-process training"). Off until the gate passes 9 of 10 seeds that way; SELFCOG_DTYPE=bf16 asks.
+# Evaluations compute in bf16 there all the same (eval_precision): their answers are only scored.
 BF16_ON_CPUS_THAT_HAVE_IT = False
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class LocalEngine:
@@ -99,10 +103,12 @@ class LocalEngine:
     def __init__(self, model: ResolvedModel, *, active_adapter: Callable[[], dict | None] | None = None,
                  device: str = "auto", dtype: str = "auto", max_new_tokens: int = 256,
                  max_context_tokens: int = 2048, poll_s: float = 1.0, merge: bool = True,
-                 batch_size: int | None = None, cuda_graphs: bool = True, train_weights: str = "auto"):
+                 batch_size: int | None = None, cuda_graphs: bool = True, train_weights: str = "auto",
+                 eval_dtype: str = "auto"):
         """batch_size: how many replies decode together (cache slots); None = as memory allows (_default_batch_size).
         merge=False keeps LoRA unmerged (transformers' own forward, one reply at a time: slow, for debugging).
         dtype "auto": bf16 on a GPU, fp32 on a CPU (see BF16_ON_CPUS_THAT_HAVE_IT).
+        eval_dtype: what ``generate(evaluation=True)`` computes in; "auto": see _choose_eval_precision.
         train_weights: "serving" lends these weights to an in-process trainer (pause_for_training), "copy"
         never does, "auto" = serving on a GPU (no second copy of a 7B model; chats wait a few seconds)."""
         if not log.isEnabledFor(logging.INFO):
@@ -114,7 +120,7 @@ class LocalEngine:
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         if dtype == "auto":
             dtype = "bf16" if self.device.startswith("cuda") or (BF16_ON_CPUS_THAT_HAVE_IT and cpu_has_fast_bf16()) else "fp32"
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        torch_dtype = DTYPES[dtype]
         self.precision = dtype  # part of the key of every cached answer: bf16 and fp32 answers differ a little
         if train_weights not in ("auto", "serving", "copy"):
             raise EngineError(f"SELFCOG_TRAIN_WEIGHTS must be auto, serving or copy, not {train_weights!r}")
@@ -147,8 +153,10 @@ class LocalEngine:
                                          cuda_graphs=cuda_graphs, kv_budget=kv_budget)
         else:
             self._decoder = HFDecoder(self.base, capacity=self.capacity, max_len=self.max_context_tokens)
-        log.info("loaded %s on %s (%s, %s, %d slots) in %.1f s", self.name, self.device, torch_dtype,
-                 type(self._decoder).__name__, self.capacity, time.perf_counter() - started)
+        self.eval_precision = self._choose_eval_precision(eval_dtype)
+        self._dtypes = {False: torch_dtype, True: DTYPES[self.eval_precision]}  # by generate's `evaluation`
+        log.info("loaded %s on %s (%s, evaluating in %s, %s, %d slots) in %.1f s", self.name, self.device, dtype,
+                 self.eval_precision, type(self._decoder).__name__, self.capacity, time.perf_counter() - started)
 
         self._weights = AdapterWeights(self.base, model.path, merge=merge, on_change=self._decoder.weights_changed)
         # From any thread: requests (a list of sequences), controls, and None (= stop). The rest is the worker's.
@@ -163,6 +171,24 @@ class LocalEngine:
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
         self._worker.start()
         self.refresh_adapter()
+
+    def _choose_eval_precision(self, asked: str) -> str:
+        """The precision evaluations compute in. "auto": bf16 where this engine serves in fp32 on a CPU with
+        bf16 instructions (1.6x faster: a retrain's 260 answers in 22-24 s against 36-38 s, 2-core AMD EPYC;
+        the gate's verdicts alike, finetune/RECIPES.md "Evaluating in bf16"), if a bf16 copy of the weights
+        fits in what the KV cache may take; else the serving precision. Chats are always served as loaded."""
+        decoder = self._decoder
+        can = isinstance(decoder, LlamaDecoder) and decoder.graphs is None  # products from cast copies of the weights
+        if asked == "auto":
+            copy_bytes = sum(p.numel() for p in self.base.parameters()) * 2
+            fits = decoder.kv_budget is not None and copy_bytes <= decoder.kv_budget
+            return "bf16" if can and fits and self.precision == "fp32" and cpu_has_fast_bf16() else self.precision
+        if asked not in DTYPES:
+            raise EngineError(f"SELFCOG_EVAL_DTYPE must be auto, bf16, fp16 or fp32, not {asked!r}")
+        if asked != self.precision and not can:
+            raise EngineError(f"SELFCOG_EVAL_DTYPE={asked}: this engine ({type(decoder).__name__} on {self.device}) "
+                              f"evaluates in the precision it serves in, {self.precision}; unset it")
+        return asked
 
     # --- the Engine protocol ----------------------------------------------------------------------
     @property
@@ -182,17 +208,19 @@ class LocalEngine:
         prompt = self.encode(self.fit_to_context(messages, max_new_tokens))
         pieces: queue.Queue[str | None] = queue.Queue()
         reply = Reply(iter(pieces.get, None), prompt_tokens=len(prompt))
-        self._put([_Sequence(prompt, max_new_tokens, LIVE, sampling=sampling, device=self.device,
-                             reply=reply, pieces=pieces)])
+        self._put([_Sequence(prompt, max_new_tokens, LIVE, self._dtypes[False], sampling=sampling,
+                             device=self.device, reply=reply, pieces=pieces)])
         return reply
 
     def generate(self, conversations: list[Messages], *, adapter: str | Path = AdapterRef.ACTIVE,
-                 max_new_tokens: int | None = None) -> list[str]:
-        """Greedy answers to many conversations at once; adapter picks live / base / a candidate folder."""
-        return self.submit(conversations, adapter=adapter, max_new_tokens=max_new_tokens).result()
+                 max_new_tokens: int | None = None, evaluation: bool = False) -> list[str]:
+        """Greedy answers to many conversations at once; adapter picks live / base / a candidate folder;
+        evaluation: computed in ``eval_precision`` (answers to be scored, not shown to anyone)."""
+        return self.submit(conversations, adapter=adapter, max_new_tokens=max_new_tokens,
+                           evaluation=evaluation).result()
 
     def submit(self, conversations: list[Messages], *, adapter: str | Path = AdapterRef.ACTIVE,
-               max_new_tokens: int | None = None) -> Future[list[str]]:
+               max_new_tokens: int | None = None, evaluation: bool = False) -> Future[list[str]]:
         """``generate`` without waiting: the Future gets the answers. Served in the order submitted."""
         self._pause.check()
         max_new_tokens = max_new_tokens or self.max_new_tokens
@@ -204,7 +232,8 @@ class LocalEngine:
         # of about one length (a forward is padded to its longest). An evaluation's 260 prompts in the order
         # asked were padded by 26%.
         order = sorted(range(len(prompts)), key=lambda i: (_history(conversations[i]), len(prompts[i])))
-        self._put([_Sequence(prompts[i], max_new_tokens, weights, on_done=batch.finisher(i)) for i in order])
+        dtype = self._dtypes[evaluation]
+        self._put([_Sequence(prompts[i], max_new_tokens, weights, dtype, on_done=batch.finisher(i)) for i in order])
         return batch.future
 
     @contextlib.contextmanager
@@ -337,10 +366,13 @@ class LocalEngine:
             pass
 
     def _start_next_group(self) -> None:
-        """Nothing is running: put in place the weights the next group needs (LIVE when idle or a control waits)."""
+        """Nothing is running: put in place the weights and the precision the next group needs (LIVE as
+        served when idle or a control waits)."""
         while self._waiting and self._waiting[0].cancelled:
             self._finish(self._waiting.popleft())
-        wanted = self._waiting[0].weights if self._waiting and not self._controls else LIVE
+        first = self._waiting[0] if self._waiting and not self._controls else None
+        wanted = first.weights if first else LIVE
+        self._decoder.compute_in(first.dtype if first else self._dtypes[False])  # an evaluation's, or back
         try:
             self._weights.use(wanted)
         except Exception as e:  # e.g. a candidate folder that will not load: the weights are as they were
@@ -372,7 +404,8 @@ class LocalEngine:
             return
         admitted: list[_Sequence] = []
         longest = max((self._longest(x) for x in self._running), default=0)
-        while self._waiting and self._weights.computes(self._waiting[0].weights):
+        while (self._waiting and self._weights.computes(self._waiting[0].weights)
+               and self._waiting[0].dtype == self._decoder.matmul_dtype):
             s = self._waiting[0]
             rows, longest_with_s = len(self._running) + len(admitted) + 1, max(longest, self._longest(s))
             if rows > self.capacity or (rows > 1 and not self._decoder.fits(rows, longest_with_s)):
@@ -469,11 +502,13 @@ class LocalEngine:
                 self._running[i] = last
         if finished and not self._running and not self._waiting:
             # On a CPU, what the cache grew to goes back until the next reply, and with it the memory the
-            # process kept meanwhile (an evaluation's cache, a finished training's tensors): the process
-            # keeps what it frees while it computes (keep_freed_memory), not while it idles. Before the
-            # replies are handed over: a caller that then exits must find this thread idle, not inside
-            # torch (an interpreter exiting under a running torch op aborts the process).
-            if self._decoder.trim() and self.device == "cpu":
+            # process kept meanwhile (an evaluation's cache and copies of the weights, a finished training's
+            # tensors): the process keeps what it frees while it computes (keep_freed_memory), not while it
+            # idles. Before the replies are handed over: a caller that then exits must find this thread
+            # idle, not inside torch (an interpreter exiting under a running torch op aborts the process).
+            evaluated_apart = self._decoder.matmul_dtype != self._dtypes[False]
+            self._decoder.compute_in(self._dtypes[False])
+            if (self._decoder.trim() or evaluated_apart) and self.device == "cpu":
                 give_back_freed_memory()
         for s in finished:
             self._finish(s)
@@ -502,13 +537,14 @@ class LocalEngine:
 class _Sequence:
     """One reply being generated: what the scheduler tracks for each request."""
 
-    def __init__(self, prompt: list[int], max_new_tokens: int, weights: Weights, *, sampling: Sampling | None = None,
-                 device: str = "cpu", reply: Reply | None = None, pieces: queue.Queue | None = None,
-                 on_done: Callable[[_Sequence], None] | None = None):
+    def __init__(self, prompt: list[int], max_new_tokens: int, weights: Weights, dtype: torch.dtype, *,
+                 sampling: Sampling | None = None, device: str = "cpu", reply: Reply | None = None,
+                 pieces: queue.Queue | None = None, on_done: Callable[[_Sequence], None] | None = None):
         self.started = time.perf_counter()
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.weights = weights  # LIVE, BASE or a Candidate folder
+        self.dtype = dtype  # what its steps compute in: the serving dtype, or the evaluation's
         self.sampling = sampling  # None: greedy
         self.generator = generator_for(sampling, device)  # its own random draws when the sampling has a seed
         self.reply, self.pieces = reply, pieces  # stream(): the consumer's Reply and its text queue

@@ -127,8 +127,9 @@ class OpenAIEngine:
         return reply
 
     def generate(self, conversations: list[Messages], *, adapter: str | Path = AdapterRef.ACTIVE,
-                 max_new_tokens: int | None = None) -> list[str]:
-        """Greedy answers to many conversations, all sent at once; adapter picks live / base / a candidate folder."""
+                 max_new_tokens: int | None = None, evaluation: bool = False) -> list[str]:
+        """Greedy answers to many conversations, all sent at once; adapter picks live / base / a candidate folder.
+        evaluation changes nothing: the server computes every answer in the precision it serves in."""
         self._pause.check()
         max_new_tokens = max_new_tokens or self.max_new_tokens
         bodies = [self._request(c, max_new_tokens, None) for c in conversations]

@@ -222,6 +222,51 @@ def test_a_shared_start_is_computed_once_across_forwards(tiny_llama):
     assert _forwards([[5, 6], [7, 8, 9], [10]], 512) == [[0, 1, 2]]
 
 
+def test_matrix_products_in_bf16_are_autocasts_and_fp32_comes_back_exactly(tiny_llama):
+    """compute_in(bf16): the matrix products from bf16 copies of the weights, the rest in fp32, as under
+    torch's CPU autocast; copies follow a change of the weights; compute_in(fp32) gives the fp32 logits bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.path).eval()
+    decoder = make_decoder(model, capacity=4, max_len=128)
+    ids = [1, 500, 42, 7000, 123, 9, 31000]
+
+    def logits():
+        first = decoder.prefill([0], [ids])[0]
+        return torch.stack([first, decoder.decode([88], [len(ids)])[0]])
+
+    def autocast_reference():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=torch.tensor([ids + [88]])).logits[0, -2:].float()
+        return out
+
+    in_fp32 = logits()
+    decoder.compute_in(torch.bfloat16)
+    in_bf16 = logits()
+    assert decoder._copies and all(c.dtype == torch.bfloat16 for c in decoder._copies.values())
+    assert not torch.equal(in_bf16, in_fp32), "the products ran in fp32"
+    reference = autocast_reference()
+    # autocast also runs attention in bf16; the products' rounding dominates either way
+    assert (in_bf16 - reference).abs().max() < 0.25 * (in_fp32 - reference).abs().max() + 0.05 * reference.abs().max()
+    assert in_bf16[0].argmax() == reference[0].argmax()
+
+    with torch.no_grad():  # a merge changes the weights in place; the engine then calls weights_changed
+        model.model.layers[0].mlp.down_proj.weight.mul_(-1)
+    decoder.weights_changed()
+    changed = logits()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(-1)
+    decoder.weights_changed()
+    assert not torch.allclose(changed, in_bf16), "the copies were not cast again"
+    torch.testing.assert_close(logits(), in_bf16, rtol=0, atol=0)
+
+    decoder.compute_in(torch.float32)
+    assert not decoder._copies
+    torch.testing.assert_close(logits(), in_fp32, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="model's dtype only"):
+        HFDecoder(model, capacity=1, max_len=128).compute_in(torch.bfloat16)
+
+
 QUESTIONS = [[{"role": "user", "content": q}] for q in ("Hi", "What is two plus two?", "Name a colour.",
                                                          "Tell me a story about a very long river.", "Ok", "Why?")]
 
@@ -338,6 +383,62 @@ def test_requests_for_other_weights_wait_their_turn(tiny_engine, tiny_adapters):
     assert evaluation.done(), "the late chat went ahead of the evaluation asked for before it"
     assert evaluation.result() == expected_base
     assert "".join(first_chat).strip() == expected_first, "the evaluation changed the weights under a running chat"
+
+
+def test_an_evaluation_computes_in_its_own_precision_and_chats_as_served(tiny_llama, tiny_adapters):
+    """eval_dtype bf16 on an fp32 engine: generate(evaluation=True) answers as a decoder computing its products in
+    bf16 does, chats and other batches as fp32 does, also when a chat waits for an evaluation's group."""
+    from transformers import AutoModelForCausalLM
+
+    engine = LocalEngine(tiny_llama, max_new_tokens=12, poll_s=0.05, batch_size=4, dtype="fp32", eval_dtype="bf16")
+    try:
+        assert (engine.precision, engine.eval_precision) == ("fp32", "bf16")
+        served = engine.generate(QUESTIONS, adapter=tiny_adapters[0])
+        evaluated = engine.submit(QUESTIONS, adapter=tiny_adapters[0], evaluation=True)
+        chat = engine.stream(QUESTIONS[1])  # after the evaluation's group: the served precision again
+        chat_text = "".join(chat).strip()
+        evaluated = evaluated.result()
+        assert engine.generate([QUESTIONS[1]]) == [chat_text]
+        assert engine._decoder.matmul_dtype == torch.float32 and not engine._decoder._copies, "idle: back as served"
+    finally:
+        engine.close()
+
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.path).eval()
+    merged = PeftModel.from_pretrained(model, str(tiny_adapters[0])).merge_and_unload().eval()
+    by_dtype = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        decoder = make_decoder(merged, capacity=1, max_len=256)
+        decoder.compute_in(dtype)
+        by_dtype[dtype] = [_text_until_stop(engine, _greedy_decoder(decoder, engine.encode(q), 12)) for q in QUESTIONS]
+    assert served == by_dtype[torch.float32]
+    assert evaluated == by_dtype[torch.bfloat16]
+    assert evaluated != served, "no answer changed: the evaluation did not compute in bf16"
+
+
+def _text_until_stop(engine, tokens: list[int]) -> str:
+    stop = next((i for i, t in enumerate(tokens) if t in engine._stop_ids), len(tokens))
+    return engine.tokenizer.decode(tokens[:stop], skip_special_tokens=True).strip()
+
+
+def test_the_evaluation_precision_follows_the_cpus_flags_and_says_what_cannot_be(tiny_llama, monkeypatch):
+    from bot.engines import EngineError, local
+
+    for flags, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(local, "cpu_has_fast_bf16", lambda flags_text=None, answer=flags: answer)
+        engine = LocalEngine(tiny_llama, max_new_tokens=4, dtype="fp32")
+        try:
+            assert (engine.precision, engine.eval_precision) == ("fp32", expected)
+        finally:
+            engine.close()
+    engine = LocalEngine(tiny_llama, max_new_tokens=4, dtype="bf16")  # serving in bf16 already: evaluates so
+    try:
+        assert engine.eval_precision == "bf16"
+    finally:
+        engine.close()
+    with pytest.raises(EngineError, match="SELFCOG_EVAL_DTYPE=bf16.*unset it"):
+        LocalEngine(tiny_llama, max_new_tokens=4, dtype="fp32", merge=False, eval_dtype="bf16")  # HFDecoder
 
 
 def test_bad_candidate_folder_fails_only_its_request(tiny_engine, tmp_path):

@@ -59,12 +59,12 @@ def test_cached_base_answers_are_kept_apart_by_precision(tmp_path):
     from finetune.jobs import general_answers
 
     class Engine:
-        def __init__(self, precision):
-            self.precision, self.calls = precision, 0
+        def __init__(self, precision, eval_precision=None):
+            self.precision, self.eval_precision, self.calls = precision, eval_precision or precision, 0
 
-        def generate(self, conversations, **_):
+        def generate(self, conversations, *, evaluation=False, **_):
             self.calls += 1
-            return [f"{self.precision} answer"] * len(conversations)
+            return [f"{self.eval_precision if evaluation else self.precision} answer"] * len(conversations)
 
     model = ResolvedModel(str(tmp_path), "tiny", "llama", "chatml")
     bf16, fp32 = Engine("bf16"), Engine("fp32")
@@ -72,3 +72,93 @@ def test_cached_base_answers_are_kept_apart_by_precision(tmp_path):
     assert {a["answer"] for a in general_answers(fp32, model, tmp_path)} == {"fp32 answer"}
     assert {a["answer"] for a in general_answers(Engine("bf16"), model, tmp_path)} == {"bf16 answer"}
     assert (bf16.calls, fp32.calls) == (1, 1) and len(list((tmp_path / "general").glob("*.json"))) == 2
+    # an engine that serves fp32 and evaluates in bf16: the replay rows as served, the references as evaluated
+    both = Engine("fp32", eval_precision="bf16")
+    assert {a["answer"] for a in general_answers(both, model, tmp_path)} == {"fp32 answer"}
+    assert both.calls == 0, "the fp32 engine's, cached"
+    assert {a["answer"] for a in general_answers(both, model, tmp_path, evaluation=True)} == {"bf16 answer"}
+    assert both.calls == 1, "bf16 products on fp32 weights are not what a bf16 engine computes: a cache of their own"
+
+
+class TwoPrecisionEngine:
+    """An engine that evaluates in bf16 and serves in fp32, with scripted answers: the base and every general
+    prompt get the same answer either way; the candidate names the profile as served, and in bf16 only when
+    ``fast_names`` says so (what one near-tie more or less does to a real adapter, made certain)."""
+
+    precision, eval_precision = "fp32", "bf16"
+
+    def __init__(self, profile, *, fast_names: bool, served_names: bool = True, eval_precision: str = "bf16"):
+        from finetune.evaluate import load_probes
+
+        self.profile, self.fast_names, self.served_names = profile, fast_names, served_names
+        self.eval_precision = eval_precision
+        self.probes = {p["question"] for p in load_probes()}
+        self.asked: list[tuple[str, bool]] = []  # (weights, evaluation) of each batch
+
+    def generate(self, conversations, *, adapter, max_new_tokens=None, evaluation=False):
+        from bot.identity import contains_cjk
+
+        candidate = adapter not in ("base", "active")
+        self.asked.append(("candidate" if candidate else adapter, evaluation))
+        names = candidate and (self.fast_names if evaluation and self.eval_precision != self.precision
+                               else self.served_names)
+        answers = []
+        for conversation in conversations:
+            question = conversation[-1]["content"]
+            if question in self.probes and names:
+                answers.append(f"我是{self.profile.name}，由{self.profile.author}开发。" if contains_cjk(question)
+                               else f"I am {self.profile.name}, made by {self.profile.author}.")
+            else:
+                answers.append(f"Some words about {question}")
+        return answers
+
+    def refresh_adapter(self):
+        return None
+
+
+def _retrain_evaluated(store, tmp_path, engine) -> tuple[str, dict]:
+    from bot.models import ResolvedModel
+    from finetune.jobs import evaluate_and_promote
+    candidate = tmp_path / "candidate"
+    candidate.mkdir(parents=True)
+    (candidate / "adapter_config.json").write_text("{}")
+    (candidate / "adapter_model.safetensors").write_bytes(tmp_path.name.encode())  # weights of its own
+    run = store.runs.request("cli", "test", claim=True)
+    report = {"phases": {}}
+    status, _ = evaluate_and_promote(run["id"], candidate, store=store, engine=engine,
+                                     model=ResolvedModel(str(tmp_path), "tiny", "llama", "chatml"),
+                                     settings=JobSettings(data_dir=tmp_path, cache_dir=tmp_path), report=report)
+    store.runs.finish(run["id"], status, report=report)  # as run_retrain does
+    return status, report
+
+
+def test_a_refusal_in_the_fast_precision_is_checked_again_as_served(store, tmp_path):
+    """An evaluation in bf16 that refuses a candidate is repeated in fp32 (references too), whose verdict
+    stands; a pass in bf16 stands as it is; an engine that evaluates as it serves evaluates once."""
+    from tests.scenario import PROFILE
+
+    store.identity.set(name=PROFILE.name, author=PROFILE.author, changed_by="test")
+
+    engine = TwoPrecisionEngine(PROFILE, fast_names=False)
+    status, report = _retrain_evaluated(store, tmp_path / "refused-then-passed", engine)
+    assert status == "promoted", report["verdict"]
+    assert report["first_look"]["precision"] == "bf16"
+    assert report["first_look"]["verdict"].startswith("Refused: identity under product 0.00")
+    assert report["eval_precision"] == "fp32" and report["metrics"]["candidate"]["identity_mean"] == 1.0
+    assert ("candidate", True) in engine.asked and ("candidate", False) in engine.asked
+    assert ("base", False) in engine.asked, "the references were computed as served too"
+
+    engine = TwoPrecisionEngine(PROFILE, fast_names=True)
+    status, report = _retrain_evaluated(store, tmp_path / "passed", engine)
+    assert status == "promoted" and "first_look" not in report and report["eval_precision"] == "bf16", report["verdict"]
+    assert all(evaluation for _, evaluation in engine.asked), engine.asked
+
+    engine = TwoPrecisionEngine(PROFILE, fast_names=False, served_names=False)
+    status, report = _retrain_evaluated(store, tmp_path / "refused-twice", engine)
+    assert status == "rejected" and report["first_look"]["verdict"].startswith("Refused: identity")
+    assert report["verdict"].startswith("Refused: identity") and report["eval_precision"] == "fp32"
+
+    engine = TwoPrecisionEngine(PROFILE, fast_names=False, served_names=False, eval_precision="fp32")
+    status, report = _retrain_evaluated(store, tmp_path / "one-precision", engine)
+    assert status == "rejected" and "first_look" not in report
+    assert ("candidate", False) not in engine.asked, "evaluated once: as it serves, there is no other way"

@@ -25,7 +25,7 @@ def test_defaults_and_chat_sampling_from_the_environment():
     ("SELFCOG_DB_TIMEOUT_S", "nan"), ("SELFCOG_ADMIN_IDS", "12,bob"), ("SELFCOG_CHAT_TOP_P", "1.5"),
     ("SELFCOG_CHAT_REPETITION_PENALTY", "0.5"), ("SELFCOG_MAX_NEW_TOKENS", "0"),
     ("SELFCOG_TRAINER", "subprocess"), ("SELFCOG_TRAIN_WEIGHTS", "gpu"), ("SELFCOG_DTYPE", "fp8"),
-    ("SELFCOG_PREPARE_AHEAD", "yes"),
+    ("SELFCOG_PREPARE_AHEAD", "yes"), ("SELFCOG_EVAL_DTYPE", "int8"),
 ])
 def test_unusable_values_name_the_variable(variable, value):
     with pytest.raises(UserError, match=f"^{variable} must be .*, not {value!r}$"):
