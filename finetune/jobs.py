@@ -145,6 +145,16 @@ def evaluate_current(store: Store, engine: Engine, model: ResolvedModel, cache_d
     return reports
 
 
+def within_drift(thresholds: GateThresholds) -> GateThresholds:
+    """The gate loosened by how far bf16 matrix products moved its numbers from fp32's, with room to spare.
+    Over ten adapters (RECIPES.md, "Evaluating in bf16") a way's identity moved by up to 0.06, retention by
+    0.09, facts by 1 and bleed by 2 answers; a candidate this gate refuses is no near miss."""
+    return replace(thresholds, identity_product=thresholds.identity_product - 0.1,
+                   identity_other=thresholds.identity_other - 0.1, retention=thresholds.retention - 0.15,
+                   facts_drop=thresholds.facts_drop + 2, bleed_share=thresholds.bleed_share + 0.03,
+                   identity_tolerance=thresholds.identity_tolerance + 0.1, old_identity=thresholds.old_identity + 2)
+
+
 def earlier_profiles(store: Store) -> list[Profile]:
     """The profiles the bot had before the current one (oldest first): what a rename replaced."""
     current = store.identity.current()
@@ -295,9 +305,9 @@ def evaluate_and_promote(run_id: int, candidate: Path, *, store: Store, engine: 
     """Evaluate a candidate adapter against the base and the live adapter; promote it if it passes the gate.
 
     All three are scored under the *current* profile: the base and the live version once per profile
-    (cached), the candidate now; in the engine's evaluation precision, and a refusal there again as the
-    engine serves (``first_look`` in the report then says what the first evaluation decided). Returns
-    (final status, fields for the run row); fills ``report``."""
+    (cached), the candidate now; in the engine's evaluation precision, and a refusal there that its drift
+    could explain again as the engine serves (``first_look`` in the report then says what the first
+    evaluation decided). Returns (final status, fields for the run row); fills ``report``."""
     clock = time.perf_counter()
     store.runs.progress(run_id, stage="evaluating")
     profile, previous = store.identity.current(), earlier_profiles(store)
@@ -318,10 +328,12 @@ def evaluate_and_promote(run_id: int, candidate: Path, *, store: Store, engine: 
     base_report, live_report, candidate_report = evaluated(fast=True)
     verdict = gate(candidate_report, base_report, live_report, settings.gate)
     report["eval_precision"] = getattr(engine, "eval_precision", None)  # what its answers' products computed in
-    if not verdict.passed and _precision(engine, evaluation=True) != _precision(engine, evaluation=False):
+    if (not verdict.passed and _precision(engine, evaluation=True) != _precision(engine, evaluation=False)
+            and gate(candidate_report, base_report, live_report, within_drift(settings.gate)).passed):
         # The gate's numbers were sized on answers computed as served, and bf16 products move a near-tie now
         # and then: of ten good adapters, one fell a single answer under the retention floor (RECIPES.md,
-        # "Evaluating in bf16"). A refusal is only final as served; a pass stands.
+        # "Evaluating in bf16"). A refusal by less than that drift is only final as served; a pass, or a
+        # refusal by more (an adapter that did not learn at all), stands.
         report["first_look"] = {"precision": report["eval_precision"], "verdict": verdict.line,
                                 "seconds": round(time.perf_counter() - clock, 1)}
         log.info("retrain #%s: %s (%s); evaluating again as served", run_id, verdict.line, report["eval_precision"])
@@ -449,8 +461,8 @@ class JobRunner:
 
         1. The base's general answers (as served, for the dataset; as evaluated, where that differs) and
            the evaluations of the base and of the live adapter under the current profile. All are cached on
-           disk (per model, profile and probe set), so a retrain then evaluates only its candidate. On an H200 with a 7B model that is ~4 s of the first retrain's
-           dataset and ~18 s of its evaluation. Chats go on meanwhile: they share the engine's batches.
+           disk (per model, profile and probe set), so a retrain then evaluates only its candidate. On an
+           H200 with a 7B model that is ~4 s of the first retrain's dataset and ~18 s of its evaluation. Chats go on meanwhile: they share the engine's batches.
         2. When the engine lends its weights to a trainer in this process (on a GPU, by default): a
            throwaway training of two steps, and one answer from the adapter they made. CUDA loads kernels
            the first time each is used, and the first merge of a candidate keeps a host copy of the

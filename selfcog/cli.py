@@ -382,7 +382,7 @@ def retrain(ctx: Context, queue_only, cancel, trained, as_json):
     summary = summarize(ctx.store.runs.get(run["id"]))
     if as_json:
         echo_json({k: report.get(k) for k in ("run_id", "status", "promoted", "adapter", "metrics", "seconds",
-                                              "training_split")}
+                                              "training_split", "eval_precision", "first_look")}
                   | {"reason": report.get("reason") or "; ".join(report.get("reasons") or []) or None,
                      "outcome": summary.outcome_line, "reasons": summary.reasons, "phases": summary.phases})
     else:

@@ -173,10 +173,11 @@ class LocalEngine:
         self.refresh_adapter()
 
     def _choose_eval_precision(self, asked: str) -> str:
-        """The precision evaluations compute in. "auto": bf16 where this engine serves in fp32 on a CPU with
-        bf16 instructions (1.6x faster: a retrain's 260 answers in 22-24 s against 36-38 s, 2-core AMD EPYC;
-        the gate's verdicts alike, finetune/RECIPES.md "Evaluating in bf16"), if a bf16 copy of the weights
-        fits in what the KV cache may take; else the serving precision. Chats are always served as loaded."""
+        """The precision evaluations compute their matrix products in. "auto": bf16 where this engine serves in
+        fp32 on a CPU with bf16 instructions (a retrain's 260 answers in 21-24 s against 33-42 s, 2-core AMD
+        EPYC; the gate decided alike on 9 of 10 adapters, and a retrain checks a near refusal as served:
+        finetune/RECIPES.md "Evaluating in bf16"), if a bf16 copy of the weights fits in what the KV cache may
+        take; else the serving precision. Chats are always served as loaded."""
         decoder = self._decoder
         can = isinstance(decoder, LlamaDecoder) and decoder.graphs is None  # products from cast copies of the weights
         if asked == "auto":

@@ -38,7 +38,8 @@ def test_the_engine_serves_in_bf16_exactly_when_the_flags_offer_it(monkeypatch, 
 @pytest.mark.slow
 def test_the_live_adapter_scores_alike_evaluated_in_bf16_and_fp32(retrained, embedded_model, cache_dir):
     """The shared retrain was evaluated as the engine chose from this CPU's flags (bf16 products where it has
-    bf16 instructions); evaluated again the other way, every score agrees within what seeds alone move it."""
+    bf16 instructions; fp32 after all if it checked a near refusal as served); evaluated again the other way,
+    every score agrees within what seeds alone move it."""
     from bot.engines import AdapterRef
     from bot.engines.local import LocalEngine
     from finetune import jobs
@@ -48,20 +49,22 @@ def test_the_live_adapter_scores_alike_evaluated_in_bf16_and_fp32(retrained, emb
         pytest.skip("this CPU has no bf16 instructions: bf16 would be emulated, and is never chosen here")
     report = retrained["report"]
     assert report["status"] == "promoted", report.get("reason")
-    assert report["eval_precision"] == "bf16", "a CPU with bf16 instructions evaluates in bf16 by default"
-    in_bf16 = report["metrics"]["candidate"]
+    evaluated_in = report["eval_precision"]
+    assert evaluated_in == "bf16" or report["first_look"]["precision"] == "bf16", report
+    first = report["metrics"]["candidate"]
+    other = "fp32" if evaluated_in == "bf16" else "bf16"
 
     store = Store(Path(retrained["data_dir"]) / "selfcog.db")
-    engine = LocalEngine(embedded_model, active_adapter=store.adapters.active, eval_dtype="fp32", max_new_tokens=64)
+    engine = LocalEngine(embedded_model, active_adapter=store.adapters.active, eval_dtype=other, max_new_tokens=64)
     try:
-        assert (engine.precision, engine.eval_precision) == ("fp32", "fp32")
+        assert (engine.precision, engine.eval_precision) == ("fp32", other)
         assert engine.adapter_version == report["adapter"]
-        general = jobs.general_answers(engine, embedded_model, cache_dir, evaluation=True)  # fp32's own base answers
-        in_fp32 = jobs.evaluate_weights(engine, AdapterRef.ACTIVE, store.identity.current(), general,
-                                        previous=jobs.earlier_profiles(store))
+        general = jobs.general_answers(engine, embedded_model, cache_dir, evaluation=True)  # its own base answers
+        again = jobs.evaluate_weights(engine, AdapterRef.ACTIVE, store.identity.current(), general,
+                                      previous=jobs.earlier_profiles(store))
     finally:
         engine.close()
     for way in WAYS:
-        assert abs(in_fp32.identity[way] - in_bf16["identity"][way]) <= SEED_NOISE_IDENTITY, (way, in_fp32.identity, in_bf16)
-    assert abs(in_fp32.bleed - in_bf16["bleed"]) <= SEED_NOISE_BLEED, (in_fp32.bleed, in_bf16["bleed"])
-    assert in_fp32.identity["product"] >= 0.9 - SEED_NOISE_IDENTITY
+        assert abs(again.identity[way] - first["identity"][way]) <= SEED_NOISE_IDENTITY, (way, again.identity, first)
+    assert abs(again.bleed - first["bleed"]) <= SEED_NOISE_BLEED, (again.bleed, first["bleed"])
+    assert again.identity["product"] >= 0.9 - SEED_NOISE_IDENTITY

@@ -82,17 +82,18 @@ def test_cached_base_answers_are_kept_apart_by_precision(tmp_path):
 
 class TwoPrecisionEngine:
     """An engine that evaluates in bf16 and serves in fp32, with scripted answers: the base and every general
-    prompt get the same answer either way; the candidate names the profile as served, and in bf16 only when
-    ``fast_names`` says so (what one near-tie more or less does to a real adapter, made certain)."""
+    prompt get the same answer either way; the candidate names the profile in a share of the identity probes,
+    ``fast_hits`` in bf16 and ``served_hits`` in fp32 (what near-ties going the other way do to a real
+    adapter, made certain)."""
 
-    precision, eval_precision = "fp32", "bf16"
+    precision = "fp32"
 
-    def __init__(self, profile, *, fast_names: bool, served_names: bool = True, eval_precision: str = "bf16"):
+    def __init__(self, profile, *, fast_hits: float, served_hits: float = 1.0, eval_precision: str = "bf16"):
         from finetune.evaluate import load_probes
 
-        self.profile, self.fast_names, self.served_names = profile, fast_names, served_names
+        self.profile, self.fast_hits, self.served_hits = profile, fast_hits, served_hits
         self.eval_precision = eval_precision
-        self.probes = {p["question"] for p in load_probes()}
+        self.probes = [p["question"] for p in load_probes()]
         self.asked: list[tuple[str, bool]] = []  # (weights, evaluation) of each batch
 
     def generate(self, conversations, *, adapter, max_new_tokens=None, evaluation=False):
@@ -100,12 +101,11 @@ class TwoPrecisionEngine:
 
         candidate = adapter not in ("base", "active")
         self.asked.append(("candidate" if candidate else adapter, evaluation))
-        names = candidate and (self.fast_names if evaluation and self.eval_precision != self.precision
-                               else self.served_names)
+        hits = self.fast_hits if evaluation and self.eval_precision != self.precision else self.served_hits
         answers = []
         for conversation in conversations:
             question = conversation[-1]["content"]
-            if question in self.probes and names:
+            if candidate and question in self.probes and self.probes.index(question) < hits * len(self.probes):
                 answers.append(f"我是{self.profile.name}，由{self.profile.author}开发。" if contains_cjk(question)
                                else f"I am {self.profile.name}, made by {self.profile.author}.")
             else:
@@ -119,6 +119,7 @@ class TwoPrecisionEngine:
 def _retrain_evaluated(store, tmp_path, engine) -> tuple[str, dict]:
     from bot.models import ResolvedModel
     from finetune.jobs import evaluate_and_promote
+
     candidate = tmp_path / "candidate"
     candidate.mkdir(parents=True)
     (candidate / "adapter_config.json").write_text("{}")
@@ -132,33 +133,40 @@ def _retrain_evaluated(store, tmp_path, engine) -> tuple[str, dict]:
     return status, report
 
 
-def test_a_refusal_in_the_fast_precision_is_checked_again_as_served(store, tmp_path):
-    """An evaluation in bf16 that refuses a candidate is repeated in fp32 (references too), whose verdict
-    stands; a pass in bf16 stands as it is; an engine that evaluates as it serves evaluates once."""
+def test_a_near_refusal_in_the_fast_precision_is_checked_again_as_served(store, tmp_path):
+    """A bf16 evaluation that refuses a candidate by less than bf16's drift is repeated in fp32 (references
+    too), whose verdict stands; a pass in bf16 stands, and so does a refusal by more than the drift; an engine
+    that evaluates as it serves evaluates once."""
     from tests.scenario import PROFILE
 
     store.identity.set(name=PROFILE.name, author=PROFILE.author, changed_by="test")
+    near = 0.85  # 28 of 32 probes a way: 0.88 < the product floor 0.90, by less than 0.1
 
-    engine = TwoPrecisionEngine(PROFILE, fast_names=False)
+    engine = TwoPrecisionEngine(PROFILE, fast_hits=near)
     status, report = _retrain_evaluated(store, tmp_path / "refused-then-passed", engine)
     assert status == "promoted", report["verdict"]
     assert report["first_look"]["precision"] == "bf16"
-    assert report["first_look"]["verdict"].startswith("Refused: identity under product 0.00")
+    assert report["first_look"]["verdict"].startswith("Refused: identity under product 0.88")
     assert report["eval_precision"] == "fp32" and report["metrics"]["candidate"]["identity_mean"] == 1.0
     assert ("candidate", True) in engine.asked and ("candidate", False) in engine.asked
     assert ("base", False) in engine.asked, "the references were computed as served too"
 
-    engine = TwoPrecisionEngine(PROFILE, fast_names=True)
+    engine = TwoPrecisionEngine(PROFILE, fast_hits=1.0)
     status, report = _retrain_evaluated(store, tmp_path / "passed", engine)
-    assert status == "promoted" and "first_look" not in report and report["eval_precision"] == "bf16", report["verdict"]
+    assert status == "promoted" and "first_look" not in report and report["eval_precision"] == "bf16"
     assert all(evaluation for _, evaluation in engine.asked), engine.asked
 
-    engine = TwoPrecisionEngine(PROFILE, fast_names=False, served_names=False)
+    engine = TwoPrecisionEngine(PROFILE, fast_hits=near, served_hits=near)
     status, report = _retrain_evaluated(store, tmp_path / "refused-twice", engine)
     assert status == "rejected" and report["first_look"]["verdict"].startswith("Refused: identity")
     assert report["verdict"].startswith("Refused: identity") and report["eval_precision"] == "fp32"
 
-    engine = TwoPrecisionEngine(PROFILE, fast_names=False, served_names=False, eval_precision="fp32")
+    engine = TwoPrecisionEngine(PROFILE, fast_hits=0.0, served_hits=1.0)  # no drift moves 0.00 to 0.90
+    status, report = _retrain_evaluated(store, tmp_path / "far-from-passing", engine)
+    assert status == "rejected" and "first_look" not in report and report["eval_precision"] == "bf16"
+    assert ("candidate", False) not in engine.asked
+
+    engine = TwoPrecisionEngine(PROFILE, fast_hits=near, served_hits=near, eval_precision="fp32")
     status, report = _retrain_evaluated(store, tmp_path / "one-precision", engine)
     assert status == "rejected" and "first_look" not in report
-    assert ("candidate", False) not in engine.asked, "evaluated once: as it serves, there is no other way"
+    assert [weights for weights, _ in engine.asked].count("candidate") == 1, "evaluated once: there is no other way"
