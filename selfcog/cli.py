@@ -438,11 +438,15 @@ def eval_command(ctx: Context, adapter, as_json):
         target = ctx.store.adapters.get(int(adapter))["path"] if adapter.isdigit() else adapter
         check_adapter_folder(target, model)  # before the model load: a folder for another model is one line
     label = f"v{adapter}" if adapter and adapter.isdigit() else "adapter"
-    reports = evaluate_current(ctx.store, ctx.engine(), model, ctx.settings.cache_dir, target=target, label=label)
+    engine = ctx.engine()
+    reports = evaluate_current(ctx.store, engine, model, ctx.settings.cache_dir, target=target, label=label)
     if as_json:
         echo_json({name: report.to_dict() for name, report in reports.items()})
     else:
         click.echo(report_table(reports))
+        if getattr(engine, "eval_precision", None) not in (None, getattr(engine, "precision", None)):
+            click.echo(f"(matrix products in {engine.eval_precision}, as a retrain's evaluation computes them; "
+                       "SELFCOG_EVAL_DTYPE=fp32 for fp32 throughout)")
 
 
 @cli.group()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.hardware import cpu_has_fast_bf16
 from store import Store
 from tests.conftest import REPO, make_lora_adapter, seed_identity
 from tests.replay_worker import Replay, write_recording
@@ -101,6 +102,9 @@ def test_eval_compares_base_and_active(retrained):
     reports = json.loads(retrained["run"]("eval", "--json", check=True).stdout)
     assert set(reports) == {"base", "active v1"}
     assert reports["active v1"]["identity_mean"] > reports["base"]["identity_mean"]
+    table = retrained["run"]("eval", check=True).stdout  # the reports are cached now: no model work
+    assert "identity: product" in table and "active v1" in table
+    assert ("matrix products in bf16" in table) == cpu_has_fast_bf16(), table  # says how it was computed
 
 
 @pytest.mark.slow
