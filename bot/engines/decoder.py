@@ -10,10 +10,11 @@ forward over rows 0..n-1 and no cache is copied per step.
 
 ``LlamaDecoder`` runs Llama-family models (Llama, SmolLM2, Qwen2/2.5, Mistral) with its own short
 forward pass that reads the transformers model's weights in place: peft's merge/unmerge of the live
-adapter is seen at the next step, with no copy. It skips what ``model.generate`` spends per token
-(logits processors, cache objects, mask building, logits for every prompt position), and on CUDA it
-replays the decode step as CUDA graphs, one per batch-size bucket (a 7B decode step is ~1,000 small
-kernels: launching them one by one costs more than running them). Any other architecture gets
+adapter is seen at the next step, with no copy (an evaluation whose matrix products run in bf16 on an
+fp32 CPU engine reads bf16 copies instead, cast again after each merge: ``compute_in``). It skips what
+``model.generate`` spends per token (logits processors, cache objects, mask building, logits for every
+prompt position), and on CUDA it replays the decode step as CUDA graphs, one per batch-size bucket (a 7B
+decode step is ~1,000 small kernels: launching them one by one costs more than running them). Any other architecture gets
 ``HFDecoder``: transformers' own forward, one reply at a time, correct but slower.
 """
 
